@@ -1,0 +1,38 @@
+"""Image grid of samples at fixed seeds, drawn with the EMA weights at every validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from fewstep.images import image_grid, save_grid
+from fewstep.generate import generate
+
+
+class SampleGrid(L.Callback):
+    """Logs a grid of ``n`` samples (``sampler`` at ``nfe``) to TensorBoard and as a PNG under the log dir.
+
+    It runs inside the first validation batch, where Lightning's EMAWeightAveraging has swapped
+    the EMA weights in, so the grid shows the EMA model.
+    """
+
+    def __init__(self, n: int = 64, sampler: str = "heun", nfe: int = 35, seed: int = 0, guidance: float = 0.0):
+        self.n, self.sampler, self.nfe, self.seed, self.guidance = n, sampler, nfe, seed, guidance
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        samples, _, _ = generate(pl_module, self.n, self.sampler, self.nfe, self.seed, self.guidance)
+        pl_module.train(was_training)
+        if samples.ndim != 4:  # vector data has no picture
+            return
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"samples/{self.sampler}_nfe{self.nfe}", image_grid(samples), step)
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        save_grid(samples, Path(log_dir) / "samples" / f"step_{step:07d}.png")

@@ -1,0 +1,15 @@
+"""Data modules: image data sets and Gaussian mixtures with an exact denoiser."""
+
+from fewstep.data.gmm import GaussianMixture, GMMDataModule
+from fewstep.data.images import CIFAR10, Digits, FashionMNIST, ImageDataModule, ImageFolder, MNIST5k
+
+__all__ = [
+    "ImageDataModule",
+    "MNIST5k",
+    "Digits",
+    "FashionMNIST",
+    "CIFAR10",
+    "ImageFolder",
+    "GaussianMixture",
+    "GMMDataModule",
+]

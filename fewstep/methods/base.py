@@ -1,0 +1,90 @@
+"""Plumbing shared by every method: the network from its config, label dropout, optimisers,
+logging, and the denoiser interface that samplers and callbacks use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def plain(value: Any) -> Any:
+    """A Hydra/OmegaConf node as plain Python containers (so checkpoints do not pickle OmegaConf)."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+class GenerativeMethod(L.LightningModule):
+    """Base LightningModule. Subclasses implement ``loss`` and ``denoiser``.
+
+    ``net`` is the model config (a dict with ``_target_``); the network is built here from it, the
+    data shape and the class count, so that a checkpoint alone can rebuild the method.
+    """
+
+    def __init__(
+        self,
+        net: dict,
+        data_shape: Sequence[int],
+        num_classes: int = 0,
+        conditional: bool = False,
+        label_dropout: float = 0.1,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+    ):
+        super().__init__()
+        net, optimizer, scheduler = plain(net), plain(optimizer), plain(scheduler)
+        data_shape = list(data_shape)
+        self.save_hyperparameters()
+        self.num_classes = num_classes if conditional else 0
+        self.net = instantiate(net, data_shape=data_shape, num_classes=self.num_classes)
+
+    # -- conditioning ----------------------------------------------------------------------
+    @property
+    def null_label(self) -> int:
+        """The class index that means "no label" (classifier-free guidance)."""
+        return self.num_classes
+
+    def training_labels(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Class labels with label dropout applied, or None for an unconditional method."""
+        if not self.num_classes:
+            return None
+        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
+        return torch.where(drop, torch.full_like(y, self.null_label), y)
+
+    # -- interface for subclasses ----------------------------------------------------------
+    def loss(self, x0: torch.Tensor, class_labels: torch.Tensor | None, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def denoiser(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- Lightning -------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x0, y = batch
+        loss = self.loss(x0, self.training_labels(y))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        # Fixed noise per validation batch, so the validation loss is comparable across steps.
+        x0, y = batch
+        generator = torch.Generator(x0.device).manual_seed(batch_idx)
+        labels = y if self.num_classes else None
+        loss = self.loss(x0, labels, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What fewstep.checkpoints needs to rebuild this method from the file alone.
+        cls = type(self)
+        checkpoint["fewstep"] = {"method_class": f"{cls.__module__}.{cls.__qualname__}"}

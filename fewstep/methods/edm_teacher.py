@@ -1,0 +1,29 @@
+"""EDM teacher (Karras et al. 2022): denoiser regression with EDM preconditioning and loss weighting."""
+
+from __future__ import annotations
+
+import torch
+
+from fewstep.methods.base import GenerativeMethod
+from fewstep.networks.preconditioning import edm_denoise
+from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
+
+
+class EDMTeacher(GenerativeMethod):
+    """loss = lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2 with ln sigma ~ N(P_mean, P_std^2)."""
+
+    def __init__(self, *args, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters("sigma_data", "p_mean", "p_std")
+
+    def denoiser(self, x, sigma, class_labels=None):
+        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
+
+    def loss(self, x0, class_labels, generator=None):
+        hp = self.hparams
+        sigma = edm_training_sigmas(x0.shape[0], hp.p_mean, hp.p_std, generator, x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        denoised = self.denoiser(x0 + sigma.view(shape) * noise, sigma, class_labels)
+        weight = edm_loss_weight(sigma, hp.sigma_data).view(shape)
+        return (weight * (denoised - x0) ** 2).mean()

@@ -1,0 +1,45 @@
+"""Noise-level and class-label embeddings shared by the networks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar noise level (NCSN++/EDM style), fixed at init."""
+
+    def __init__(self, num_channels: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        angles = c_noise.float()[:, None] * self.freqs[None, :] * (2 * math.pi)
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class ConditionEmbedding(nn.Module):
+    """Maps (c_noise, class label) to one conditioning vector.
+
+    Class index ``num_classes`` is the learned "no label" token used for label dropout and
+    classifier-free guidance; ``class_labels=None`` means unconditional.
+    """
+
+    def __init__(self, num_channels: int, emb_channels: int, num_classes: int = 0, fourier_scale: float = 16.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.noise = FourierEmbedding(num_channels, scale=fourier_scale)
+        self.mlp = nn.Sequential(
+            nn.Linear(num_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        )
+        self.label = nn.Embedding(num_classes + 1, emb_channels) if num_classes > 0 else None
+
+    def forward(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.mlp(self.noise(c_noise))
+        if self.label is not None:
+            if class_labels is None:
+                class_labels = torch.full_like(c_noise, self.num_classes, dtype=torch.long)
+            emb = emb + self.label(class_labels.long())
+        return emb

@@ -1,0 +1,44 @@
+"""EDM preconditioning (Karras et al. 2022, Table 1), kept apart from the architecture.
+
+D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), with
+c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2),
+c_noise = ln(sigma)/4, sd = sigma_data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    """(c_skip, c_out, c_in, c_noise) for noise levels ``sigma``."""
+    total = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / total
+    c_out = sigma * sigma_data / total.sqrt()
+    c_in = 1 / total.sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def edm_denoise(
+    net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None, sigma_data: float
+) -> torch.Tensor:
+    """D(x, sigma) from a raw network ``net(x, c_noise, class_labels)``; sigma is a float or [batch] tensor."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, sigma_data)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    f = net(c_in.view(shape) * x, c_noise, class_labels)
+    return c_skip.view(shape) * x + c_out.view(shape) * f.to(x.dtype)
+
+
+class EDMPrecond(nn.Module):
+    """Wraps a raw network ``net(x, c_noise, class_labels)`` into a denoiser ``D(x, sigma, class_labels)``."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return edm_denoise(self.net, x, sigma, class_labels, self.sigma_data)

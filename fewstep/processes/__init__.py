@@ -1,0 +1,1 @@
+"""The mathematics of how noise meets data: Gaussian noising, interpolants, schedule conversion."""

@@ -1,0 +1,67 @@
+"""Samplers: one function per solver, one entry point ``sample`` that budgets network evaluations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fewstep.errors import ConfigError
+from fewstep.samplers.grids import karras_sigmas
+from fewstep.samplers.guidance import guided_denoiser
+from fewstep.samplers.noise import SeededNoise
+from fewstep.samplers.solvers import sample_euler, sample_heun
+
+
+@dataclass(frozen=True)
+class Solver:
+    fn: Callable
+    steps_for_nfe: Callable[[int], int]  # the most steps whose NFE fits the budget
+    min_nfe: int = 1
+
+
+SOLVERS: dict[str, Solver] = {
+    "euler": Solver(sample_euler, lambda nfe: nfe),
+    # Heun: 2 evaluations per step but 1 on the last one, so NFE = 2 * steps - 1.
+    "heun": Solver(sample_heun, lambda nfe: (nfe + 1) // 2),
+}
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its calls (NFE), so that NFE is measured, not assumed."""
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor]):
+        self.denoiser = denoiser
+        self.nfe = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        self.nfe += 1
+        return self.denoiser(x, sigma, **cond)
+
+
+def sample(
+    denoiser: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    sampler: str,
+    nfe: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    generator: SeededNoise | None = None,
+    rho: float = 7.0,
+    callback: Callable | None = None,
+) -> torch.Tensor:
+    """Draw samples from ``denoiser`` starting at ``sigma_max * noise``, with at most ``nfe`` denoiser calls."""
+    if sampler not in SOLVERS:
+        raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(sorted(SOLVERS))}")
+    solver = SOLVERS[sampler]
+    if nfe < solver.min_nfe:
+        raise ConfigError(f"nfe={nfe} is below the minimum of sampler '{sampler}': use nfe>={solver.min_nfe}")
+    if not 0 < sigma_min < sigma_max:
+        raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    sigmas = karras_sigmas(solver.steps_for_nfe(nfe), sigma_min, sigma_max, rho).to(noise.device)
+    x = noise.to(torch.float64 if noise.dtype == torch.float64 else torch.float32) * sigma_max
+    return solver.fn(denoiser, x, sigmas.to(x.dtype), noise=generator, callback=callback)
+
+
+__all__ = ["SOLVERS", "CountingDenoiser", "SeededNoise", "guided_denoiser", "karras_sigmas", "sample"]

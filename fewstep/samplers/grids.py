@@ -1,0 +1,15 @@
+"""Noise-level grids for samplers; each ends with sigma = 0."""
+
+from __future__ import annotations
+
+import torch
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM (Karras et al. 2022, eq. 5): n levels from sigma_max to sigma_min uniform in sigma^(1/rho), then 0."""
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])

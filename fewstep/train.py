@@ -1,0 +1,70 @@
+"""python -m fewstep.train [group=choice ...]: train a method from the Hydra config tree."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from fewstep.checkpoints import check_compatible, read_checkpoint
+from fewstep.cli import check_overrides, user_errors
+
+
+def train(cfg: DictConfig) -> dict:
+    """Instantiate data, method, callbacks, loggers and Trainer from ``cfg``; fit; report where things are."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    method = instantiate(
+        cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes
+    )
+    if cfg.get("ckpt_path"):
+        check_compatible(read_checkpoint(cfg.ckpt_path), method, cfg.ckpt_path)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        report(trainer, Path(cfg.paths.output_dir), metrics)
+    return metrics
+
+
+def report(trainer: L.Trainer, output_dir: Path, metrics: dict) -> None:
+    """Print where the checkpoints, samples and TensorBoard logs are, and how to look at them."""
+    table = Table(title="fewstep run", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("run directory", str(output_dir))
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+        last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        table.add_row("checkpoints", str(trainer.checkpoint_callback.dirpath))
+        if last.exists():
+            table.add_row("sample it", f"python -m fewstep.sample ckpt={last}")
+    samples = sorted((Path(trainer.log_dir or output_dir) / "samples").glob("*.png"))
+    if samples:
+        table.add_row("latest samples", str(samples[-1]))
+    if any(type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers):
+        table.add_row("TensorBoard", f"tensorboard --logdir {output_dir}")
+    for name, value in sorted(metrics.items()):
+        table.add_row(name, f"{value:.4g}")
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@user_errors
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("val/loss")  # for Hydra sweepers that optimise
+
+
+if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
+    main()

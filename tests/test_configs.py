@@ -1,0 +1,82 @@
+"""Every file of the config tree composes and instantiates."""
+
+import pytest
+from hydra.utils import instantiate
+
+from fewstep.cli import CONF_DIR, group_choices
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def test_config_groups_exist():
+    for group in ["method", "model", "data", "sampler", "trainer", "logger", "callbacks", "experiment", "hparams_search"]:
+        assert group in GROUPS and group_choices(group), group
+
+
+@pytest.mark.parametrize("choice", group_choices("data"))
+def test_data_configs_instantiate(compose_cfg, choice, tmp_path):
+    overrides = [f"data={choice}"]
+    if choice == "image_folder":  # needs a folder to count its classes
+        from PIL import Image
+
+        for name in ("cats", "dogs"):
+            (tmp_path / "images" / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "images" / name / "a.png")
+        overrides.append(f"data.root={tmp_path / 'images'}")
+    cfg = compose_cfg("train", overrides)
+    datamodule = instantiate(cfg.data)
+    # shape and class count are known before any file is read
+    assert len(datamodule.shape) in (1, 3) and datamodule.num_classes >= 1
+
+
+@pytest.mark.parametrize("model", group_choices("model"))
+@pytest.mark.parametrize("method", group_choices("method"))
+def test_method_and_model_configs_instantiate(compose_cfg, method, model):
+    data = "gmm" if model == "mlp" else "digits"
+    cfg = compose_cfg("train", [f"method={method}", f"model={model}", f"data={data}", "method.conditional=true"])
+    datamodule = instantiate(cfg.data)
+    built = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
+    assert built.num_classes == datamodule.num_classes
+    assert sum(p.numel() for p in built.parameters()) > 0
+
+
+@pytest.mark.parametrize("trainer", group_choices("trainer"))
+def test_trainer_logger_callback_configs_instantiate(compose_cfg, trainer):
+    cfg = compose_cfg("train", [f"trainer={trainer}", "logger=csv"])
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    if trainer in ("gpu", "ddp"):
+        # No GPU here: check the config, not the hardware.
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+        return
+    built = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    assert built.max_steps > 0
+
+
+def test_debug_profile_has_no_checkpoints(compose_cfg):
+    cfg = compose_cfg("train", ["trainer=debug"])
+    assert cfg.callbacks.model_checkpoint is None and cfg.trainer.enable_checkpointing is False
+
+
+@pytest.mark.parametrize("experiment", group_choices("experiment"))
+def test_experiments_compose(compose_cfg, experiment):
+    cfg = compose_cfg("train", [f"experiment={experiment}"])
+    assert cfg.method._target_.startswith("fewstep.methods.")
+
+
+@pytest.mark.parametrize("search", group_choices("hparams_search"))
+def test_hparams_search_sweeps_existing_keys(compose_cfg, search):
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg("train", [f"hparams_search={search}"])
+    sweep = OmegaConf.load(CONF_DIR / "hparams_search" / f"{search}.yaml").hydra.sweeper.params
+    for key in sweep:
+        assert OmegaConf.select(cfg, key) is not None, key
+
+
+@pytest.mark.parametrize("sampler", group_choices("sampler"))
+def test_sampler_configs_name_a_solver(compose_cfg, sampler):
+    from fewstep.samplers import SOLVERS
+
+    cfg = compose_cfg("sample", [f"sampler={sampler}", "ckpt=x"])
+    assert cfg.sampler.name in SOLVERS

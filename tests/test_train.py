@@ -1,0 +1,119 @@
+"""Training end to end on tiny data: each teacher, each small data set, checkpoints, sampling, and user errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.checkpoints import load_method, read_checkpoint
+from fewstep.errors import CheckpointError
+from fewstep.train import train
+
+from conftest import TINY, run_module
+
+
+@pytest.mark.parametrize("method", ["edm_teacher", "flow_teacher"])
+@pytest.mark.parametrize("data", ["mnist5k", "digits", "gmm"])
+def test_each_teacher_trains_on_each_small_dataset(compose_cfg, method, data):
+    overrides = [f"method={method}", f"data={data}", *TINY]
+    if data == "gmm":
+        overrides = [f"method={method}", "data=gmm", "model=mlp", "model.width=16", "trainer=debug", "data.batch_size=16"]
+    metrics = train(compose_cfg("train", overrides))
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
+
+
+def test_training_lowers_the_loss(compose_cfg):
+    # 60 steps of the EDM teacher on the analytic GMM: the validation loss (fixed noise) must drop.
+    common = ["data=gmm", "model=mlp", "model.width=32", "trainer=debug", "trainer.limit_val_batches=2",
+              "method.scheduler=null", "callbacks.ema.decay=0.5"]
+    before = train(compose_cfg("train", [*common, "trainer.max_steps=1", "trainer.val_check_interval=1"]))
+    after = train(compose_cfg("train", [*common, "trainer.max_steps=60", "trainer.val_check_interval=60"]))
+    assert after["val/loss"] < 0.7 * before["val/loss"], (before, after)
+
+
+def test_conditional_teacher_with_label_dropout(compose_cfg):
+    cfg = compose_cfg("train", ["method=flow_teacher", "data=digits", "method.conditional=true", *TINY])
+    assert np.isfinite(train(cfg)["train/loss"])
+
+
+def _train_with_checkpoint(compose_cfg, tmp_path, *extra):
+    cfg = compose_cfg(
+        "train",
+        ["data=digits", *TINY, "trainer.enable_checkpointing=true", f"+callbacks.model_checkpoint.dirpath={tmp_path}/ckpt",
+         "+callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+         "+callbacks.model_checkpoint.save_last=true", *extra],
+    )
+    train(cfg)
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_checkpoint_round_trip_holds_ema_weights(compose_cfg, tmp_path):
+    path = _train_with_checkpoint(compose_cfg, tmp_path)
+    checkpoint = read_checkpoint(path)
+    method = load_method(path)
+    for name, value in method.state_dict().items():
+        torch.testing.assert_close(value, checkpoint["state_dict"][name])
+    # Lightning's EMAWeightAveraging stores the EMA weights as state_dict and the raw ones beside them
+    assert "current_model_state" in checkpoint
+    differs = [not torch.equal(v, checkpoint["current_model_state"][k]) for k, v in checkpoint["state_dict"].items()]
+    assert any(differs)
+    x = torch.randn(2, *method.hparams.data_shape)
+    assert method.denoiser(x, torch.full((2,), 1.0)).shape == x.shape
+
+
+def test_resume_with_another_architecture_names_the_mismatch(compose_cfg, tmp_path):
+    path = _train_with_checkpoint(compose_cfg, tmp_path)
+    cfg = compose_cfg("train", ["data=digits", *TINY, "model.model_channels=8", f"ckpt_path={path}"])
+    with pytest.raises(CheckpointError, match="does not match this run: its net"):
+        train(cfg)
+
+
+def test_corrupt_and_missing_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "nope.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        read_checkpoint(bad)
+
+
+def test_command_line_train_then_sample(tmp_path):
+    """The two commands a user types, as subprocesses, from a fresh directory."""
+    result = run_module(
+        "fewstep.train", "data=digits", "model=unet_tiny", "trainer=debug", "callbacks.model_checkpoint=null",
+        "trainer.enable_checkpointing=false", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tensorboard --logdir" in result.stdout
+
+    ckpt_result = run_module(
+        "fewstep.train", "data=digits", "model=unet_tiny", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "callbacks.sample_grid.nfe=2", "callbacks.sample_grid.n=4", cwd=tmp_path,
+    )
+    assert ckpt_result.returncode == 0, ckpt_result.stderr[-2000:]
+    (last,) = tmp_path.glob("outputs/edm_teacher/digits/*/checkpoints/last.ckpt")
+    sampled = run_module("fewstep.sample", f"ckpt={last}", "nfe=3", "n=6", "seed=5", cwd=tmp_path)
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    (npz,) = tmp_path.glob("outputs/sample/*/samples.npz")
+    data = np.load(npz)
+    assert data["images"].shape == (6, 1, 8, 8) and data["images"].dtype == np.uint8
+    assert list(data["seeds"]) == [5, 6, 7, 8, 9, 10]
+    assert (npz.parent / "samples.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "module,args,expected",
+    [
+        ("fewstep.train", ["method=nope"], "unknown method 'nope': choose one of edm_teacher, flow_teacher"),
+        ("fewstep.train", ["model=huge"], "unknown model 'huge': choose one of"),
+        ("fewstep.train", ["data=imagenet"], "unknown data 'imagenet': choose one of"),
+        ("fewstep.sample", ["ckpt=x.ckpt", "sampler=rk45"], "unknown sampler 'rk45': choose one of"),
+        ("fewstep.sample", ["ckpt=missing.ckpt"], "checkpoint 'missing.ckpt' not found"),
+        ("fewstep.train", ["data=cifar10", "trainer=debug"], "data.root"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, module, args, expected):
+    result = run_module(module, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert expected in lines[0]
