@@ -19,8 +19,11 @@ from fewstep.cli import check_overrides, user_errors
 def train(cfg: DictConfig) -> dict:
     """Instantiate data, method, callbacks, loggers and Trainer from ``cfg``; fit; report where things are."""
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
+    # Load the data before the Trainer starts, so a missing data set fails at once, in one line.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     method = instantiate(
         cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes
     )

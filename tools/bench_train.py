@@ -1,0 +1,120 @@
+"""Training throughput of fewstep's Lightning step against a bare PyTorch loop, side by side in one run.
+
+Both sides train the same method (network, EDM loss), on the same batches, with the same Adam,
+learning-rate schedule and EMA update; the Lightning side runs the Trainer with fewstep's
+default EMAWeightAveraging, LR monitor and TensorBoard logging (no validation, no checkpoints).
+Runs alternate (bare, lightning, bare, ...) so that machine noise hits both alike.
+
+    python tools/bench_train.py [--model unet_small] [--steps 100] [--repeats 3] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+
+from fewstep.cli import CONF_DIR
+
+
+class StopWatch(L.Callback):
+    """Times the training steps after ``warmup`` (so both sides skip start-up the same way)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.steps = warmup, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+        self.steps = trainer.global_step - self.warmup
+
+
+def build(cfg):
+    torch.manual_seed(0)
+    datamodule = instantiate(cfg.data)
+    method = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
+    datamodule.setup("fit")
+    return datamodule, method
+
+
+def bare_loop(cfg, steps: int, warmup: int) -> float:
+    datamodule, method = build(cfg)
+    optimizer, scheduler = (lambda c: (c["optimizer"], c["lr_scheduler"]["scheduler"]))(method.configure_optimizers())
+    # The same per-parameter EMA update that EMAWeightAveraging does, so only the loop machinery differs.
+    ema = AveragedModel(method, avg_fn=get_ema_avg_fn(cfg.callbacks.ema.decay), use_buffers=True)
+    method.train()
+    batches = iter(())
+    loader = datamodule.train_dataloader()
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        try:
+            x0, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            x0, y = next(batches)
+        loss = method.loss(x0, method.training_labels(y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(method)
+    return steps / (time.perf_counter() - start)
+
+
+def lightning_loop(cfg, steps: int, warmup: int) -> float:
+    datamodule, method = build(cfg)
+    watch = StopWatch(warmup)
+    with tempfile.TemporaryDirectory() as logdir:
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=warmup + steps, limit_val_batches=0, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=cfg.trainer.log_every_n_steps,
+            logger=TensorBoardLogger(logdir), callbacks=[EMAWeightAveraging(decay=cfg.callbacks.ema.decay),
+                                                        LearningRateMonitor("step"), watch],
+        )
+        trainer.fit(method, datamodule=datamodule)
+    return watch.steps / watch.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="unet_small")
+    parser.add_argument("--data", default="mnist5k")
+    parser.add_argument("--method", default="edm_teacher")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"model={args.model}", f"data={args.data}", f"method={args.method}",
+            f"data.batch_size={args.batch_size}", "paths.output_dir=.",
+        ])
+    rates = {"bare": [], "lightning": []}
+    for _ in range(args.repeats):
+        rates["bare"].append(bare_loop(cfg, args.steps, args.warmup))
+        rates["lightning"].append(lightning_loop(cfg, args.steps, args.warmup))
+    bare, lit = statistics.median(rates["bare"]), statistics.median(rates["lightning"])
+    print(f"| setting | bare PyTorch steps/s | fewstep Lightning steps/s | overhead |")
+    print(f"|---|---|---|---|")
+    print(f"| {args.method}, {args.model}, {args.data}, batch {args.batch_size}, {torch.get_num_threads()} threads "
+          f"| {bare:.3f} | {lit:.3f} | {100 * (bare / lit - 1):+.1f}% |")
+    print("all runs (steps/s):", {k: [round(v, 3) for v in vs] for k, vs in rates.items()})
+
+
+if __name__ == "__main__":
+    main()
