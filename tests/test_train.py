@@ -137,3 +137,17 @@ def test_user_errors_are_one_line(tmp_path, module, args, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert expected in lines[0]
+
+
+def test_conditional_generation_with_guidance_counts_one_call_per_step(compose_cfg):
+    from fewstep.generate import generate
+
+    cfg = compose_cfg("train", ["method=flow_teacher", "data=digits", "method.conditional=true", *TINY])
+    datamodule = instantiate(cfg.data)
+    method = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
+    samples, labels, nfe = generate(method.eval(), n=12, sampler="heun", nfe=5, seed=3, guidance=1.5, batch_size=5)
+    assert samples.shape == (12, 1, 8, 8) and torch.isfinite(samples).all()
+    assert labels.tolist() == [i % 10 for i in range(12)]
+    assert nfe == 5  # conditional and unconditional halves go through the network as one batch
+    again, _, _ = generate(method, n=12, sampler="heun", nfe=5, seed=3, guidance=1.5, batch_size=12)
+    torch.testing.assert_close(samples, again)  # per-sample seeds: batch size does not matter
