@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fewstep.data.loaders import make_loader
 from fewstep.errors import ConfigError, one_line
 
 
@@ -168,20 +169,8 @@ class GMMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(self.train_set, self.batch_size, self.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(self.val_set, self.batch_size, self.num_workers, train=False)

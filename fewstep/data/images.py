@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 from torchvision.transforms.v2 import functional as TF
 
+from fewstep.data.loaders import make_loader
 from fewstep.errors import ConfigError, DatasetNotFound, one_line
 
 
@@ -75,24 +76,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(self.train_set, self.batch_size, self.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(self.val_set, self.batch_size, self.num_workers, train=False)
 
     def real_images(self, n: int) -> torch.Tensor:
         """The first n training images (fewer if the training set is smaller) as uint8 [n, C, H, W]."""
