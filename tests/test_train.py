@@ -151,3 +151,13 @@ def test_conditional_generation_with_guidance_counts_one_call_per_step(compose_c
     assert nfe == 5  # conditional and unconditional halves go through the network as one batch
     again, _, _ = generate(method, n=12, sampler="heun", nfe=5, seed=3, guidance=1.5, batch_size=12)
     torch.testing.assert_close(samples, again)  # per-sample seeds: batch size does not matter
+
+
+def test_multirun_sweeps_methods(tmp_path):
+    result = run_module(
+        "fewstep.train", "-m", "trainer=debug", "data=digits", "model=unet_tiny", "method=edm_teacher,flow_teacher",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p.name for p in tmp_path.glob("outputs/multirun/*/*") if p.is_dir())
+    assert jobs == ["0", "1"]
