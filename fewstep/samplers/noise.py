@@ -23,7 +23,3 @@ class SeededNoise:
         return torch.stack(
             [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
         )
-
-    def randint(self, high: int) -> torch.Tensor:
-        """One integer in [0, high) per sample."""
-        return torch.cat([torch.randint(high, (1,), generator=g, device=self.device) for g in self.generators])
