@@ -11,7 +11,7 @@ from fewstep.errors import ConfigError
 from fewstep.samplers.grids import karras_sigmas
 from fewstep.samplers.guidance import guided_denoiser
 from fewstep.samplers.noise import SeededNoise
-from fewstep.samplers.solvers import sample_euler, sample_heun
+from fewstep.samplers.solvers import sample_dpmpp_2m, sample_euler, sample_heun
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ SOLVERS: dict[str, Solver] = {
     "euler": Solver(sample_euler, lambda nfe: nfe),
     # Heun: 2 evaluations per step but 1 on the last one, so NFE = 2 * steps - 1.
     "heun": Solver(sample_heun, lambda nfe: (nfe + 1) // 2),
+    "dpmpp_2m": Solver(sample_dpmpp_2m, lambda nfe: nfe),
 }
 
 

@@ -45,3 +45,25 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
     return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), multistep in lambda = -ln sigma, 1 NFE per step."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, _sigma(x, sigmas[i]))
+        if sigmas[i + 1] == 0:
+            x = denoised  # the exponential step to sigma = 0 lands on the data prediction
+        else:
+            h = sigmas[i].log() - sigmas[i + 1].log()
+            effective = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                effective = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * effective
+            h_last = h
+        old_denoised = denoised
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
+    return x
