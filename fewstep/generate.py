@@ -9,7 +9,8 @@ from fewstep.samplers import CountingDenoiser, SeededNoise, guided_denoiser, sam
 
 @torch.no_grad()
 def generate(
-    method, n: int, sampler: str, nfe: int, seed: int = 0, guidance: float = 0.0, batch_size: int = 256
+    method, n: int, sampler: str, nfe: int, seed: int = 0, guidance: float = 0.0, batch_size: int = 256,
+    grid: str = "karras",
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Draw ``n`` samples from ``method.denoiser``; sample i depends on seed ``seed + i`` only.
 
@@ -26,6 +27,6 @@ def generate(
         if labels is not None:
             denoiser = guided_denoiser(denoiser, guidance, labels[start : start + len(seeds)], method.null_label)
         counted = CountingDenoiser(denoiser)
-        out.append(sample(counted, noise.randn(shape), sampler, nfe, generator=noise))
+        out.append(sample(counted, noise.randn(shape), sampler, nfe, generator=noise, grid=grid))
         nfe_used = counted.nfe
     return torch.cat(out), labels, nfe_used

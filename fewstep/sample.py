@@ -32,7 +32,9 @@ def sample_checkpoint(cfg: DictConfig) -> dict:
     if cfg.guidance and not method.num_classes:
         raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
     start = time.perf_counter()
-    samples, labels, nfe = generate(method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size)
+    samples, labels, nfe = generate(
+        method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size, cfg.grid
+    )
     seconds = time.perf_counter() - start
 
     out = Path(cfg.paths.output_dir)

@@ -86,3 +86,21 @@ def test_every_sampler_converges_to_the_gaussian_law(sampler):
     noise = torch.randn(20_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     errors = [abs(sample(gaussian_denoiser, noise, sampler, nfe=n).std().item() / SD - 1) for n in (20, 60, 200)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02, errors
+
+
+def test_other_time_grids():
+    from fewstep.samplers import GRIDS
+
+    log_snr = GRIDS["log_snr"](9, 0.01, 100.0)
+    steps = log_snr[:-1].log().diff()
+    torch.testing.assert_close(steps, torch.full_like(steps, steps[0].item()))  # uniform in lambda
+    uniform = GRIDS["uniform_t"](5, 0.5, 2.5)
+    torch.testing.assert_close(uniform, torch.tensor([2.5, 2.0, 1.5, 1.0, 0.5, 0.0], dtype=torch.float64))
+    for name, grid in GRIDS.items():
+        s = grid(1, 0.002, 80.0)
+        assert s.tolist() == [80.0, 0.0], name
+    counted = CountingDenoiser(gaussian_denoiser)
+    sample(counted, torch.randn(3, 2), "heun", 9, grid="log_snr")
+    assert counted.nfe == 9
+    with pytest.raises(ConfigError, match="unknown time grid"):
+        sample(gaussian_denoiser, torch.randn(2, 2), "heun", 4, grid="cosine")

@@ -111,8 +111,11 @@ def test_command_line_train_then_sample(tmp_path):
     )
     assert ckpt_result.returncode == 0, ckpt_result.stderr[-2000:]
     (last,) = tmp_path.glob("outputs/edm_teacher/digits/*/checkpoints/last.ckpt")
-    sampled = run_module("fewstep.sample", f"ckpt={last}", "nfe=3", "n=6", "seed=5", cwd=tmp_path)
+    sampled = run_module(
+        "fewstep.sample", f"ckpt={last}", "sampler=dpmpp_2m", "grid=log_snr", "nfe=3", "n=6", "seed=5", cwd=tmp_path
+    )
     assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert "dpmpp_2m at 3 NFE" in sampled.stdout
     (npz,) = tmp_path.glob("outputs/sample/*/samples.npz")
     data = np.load(npz)
     assert data["images"].shape == (6, 1, 8, 8) and data["images"].dtype == np.uint8

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fewstep.errors import ConfigError
-from fewstep.samplers.grids import karras_sigmas
+from fewstep.samplers.grids import GRIDS, karras_sigmas
 from fewstep.samplers.guidance import guided_denoiser
 from fewstep.samplers.noise import SeededNoise
 from fewstep.samplers.solvers import sample_dpmpp_2m, sample_euler, sample_heun
@@ -51,6 +51,7 @@ def sample(
     generator: SeededNoise | None = None,
     rho: float = 7.0,
     callback: Callable | None = None,
+    grid: str = "karras",
 ) -> torch.Tensor:
     """Draw samples from ``denoiser`` starting at ``sigma_max * noise``, with at most ``nfe`` denoiser calls."""
     if sampler not in SOLVERS:
@@ -60,9 +61,16 @@ def sample(
         raise ConfigError(f"nfe={nfe} is below the minimum of sampler '{sampler}': use nfe>={solver.min_nfe}")
     if not 0 < sigma_min < sigma_max:
         raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    sigmas = karras_sigmas(solver.steps_for_nfe(nfe), sigma_min, sigma_max, rho).to(noise.device)
+    if grid not in GRIDS:
+        raise ConfigError(f"unknown time grid '{grid}': choose one of {', '.join(sorted(GRIDS))}")
+    steps = solver.steps_for_nfe(nfe)
+    if grid == "karras":
+        sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
+    else:
+        sigmas = GRIDS[grid](steps, sigma_min, sigma_max)
+    sigmas = sigmas.to(noise.device)
     x = noise.to(torch.float64 if noise.dtype == torch.float64 else torch.float32) * sigma_max
     return solver.fn(denoiser, x, sigmas.to(x.dtype), noise=generator, callback=callback)
 
 
-__all__ = ["SOLVERS", "CountingDenoiser", "SeededNoise", "guided_denoiser", "karras_sigmas", "sample"]
+__all__ = ["GRIDS", "SOLVERS", "CountingDenoiser", "SeededNoise", "guided_denoiser", "karras_sigmas", "sample"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -13,3 +15,19 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def log_snr_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
+    """n levels uniform in log-SNR (lambda = -ln sigma in EDM's space), then 0."""
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    sigmas[0] = sigma_max  # exactly, not exp(log(sigma_max))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def uniform_t_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
+    """n levels uniform in t, where EDM's schedule has sigma(t) = t, then 0."""
+    sigmas = torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+GRIDS = {"karras": karras_sigmas, "log_snr": log_snr_sigmas, "uniform_t": uniform_t_sigmas}
