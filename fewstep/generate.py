@@ -11,6 +11,7 @@ from fewstep.samplers import CountingDenoiser, SeededNoise, guided_denoiser, sam
 def generate(
     method, n: int, sampler: str, nfe: int, seed: int = 0, guidance: float = 0.0, batch_size: int = 256,
     grid: str = "karras",
+    **solver_options,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Draw ``n`` samples from ``method.denoiser``; sample i depends on seed ``seed + i`` only.
 
@@ -27,6 +28,6 @@ def generate(
         if labels is not None:
             denoiser = guided_denoiser(denoiser, guidance, labels[start : start + len(seeds)], method.null_label)
         counted = CountingDenoiser(denoiser)
-        out.append(sample(counted, noise.randn(shape), sampler, nfe, generator=noise, grid=grid))
+        out.append(sample(counted, noise.randn(shape), sampler, nfe, generator=noise, grid=grid, **solver_options))
         nfe_used = counted.nfe
     return torch.cat(out), labels, nfe_used

@@ -33,7 +33,8 @@ def sample_checkpoint(cfg: DictConfig) -> dict:
         raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
     start = time.perf_counter()
     samples, labels, nfe = generate(
-        method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size, cfg.grid
+        method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size, cfg.grid,
+        **{key: value for key, value in cfg.sampler.items() if key != "name"},
     )
     seconds = time.perf_counter() - start
 

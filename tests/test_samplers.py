@@ -104,3 +104,17 @@ def test_other_time_grids():
     assert counted.nfe == 9
     with pytest.raises(ConfigError, match="unknown time grid"):
         sample(gaussian_denoiser, torch.randn(2, 2), "heun", 4, grid="cosine")
+
+
+def test_edm_sde_noise_is_per_sample_and_churn_zero_is_heun():
+    seeds = list(range(6))
+    noise = SeededNoise(seeds).randn((3,), dtype=torch.float64)
+    whole = sample(gaussian_denoiser, noise, "edm_sde", 9, generator=SeededNoise(seeds))
+    parts = torch.cat([
+        sample(gaussian_denoiser, noise[:2], "edm_sde", 9, generator=SeededNoise(seeds[:2])),
+        sample(gaussian_denoiser, noise[2:], "edm_sde", 9, generator=SeededNoise(seeds[2:])),
+    ])
+    torch.testing.assert_close(whole, parts)  # a sample depends on its own seed, not on the batch
+    heun = sample(gaussian_denoiser, noise, "heun", 9)
+    assert not torch.allclose(whole, heun)
+    torch.testing.assert_close(sample(gaussian_denoiser, noise, "edm_sde", 9, s_churn=0.0), heun)

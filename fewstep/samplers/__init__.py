@@ -11,7 +11,7 @@ from fewstep.errors import ConfigError
 from fewstep.samplers.grids import GRIDS, karras_sigmas
 from fewstep.samplers.guidance import guided_denoiser
 from fewstep.samplers.noise import SeededNoise
-from fewstep.samplers.solvers import sample_dpmpp_2m, sample_euler, sample_heun
+from fewstep.samplers.solvers import sample_dpmpp_2m, sample_edm_sde, sample_euler, sample_heun
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ SOLVERS: dict[str, Solver] = {
     # Heun: 2 evaluations per step but 1 on the last one, so NFE = 2 * steps - 1.
     "heun": Solver(sample_heun, lambda nfe: (nfe + 1) // 2),
     "dpmpp_2m": Solver(sample_dpmpp_2m, lambda nfe: nfe),
+    "edm_sde": Solver(sample_edm_sde, lambda nfe: (nfe + 1) // 2),  # Heun steps: NFE = 2 * steps - 1
 }
 
 
@@ -52,8 +53,13 @@ def sample(
     rho: float = 7.0,
     callback: Callable | None = None,
     grid: str = "karras",
+    **solver_options,
 ) -> torch.Tensor:
-    """Draw samples from ``denoiser`` starting at ``sigma_max * noise``, with at most ``nfe`` denoiser calls."""
+    """Draw samples from ``denoiser`` starting at ``sigma_max * noise``, with at most ``nfe`` denoiser calls.
+
+    ``generator`` (a SeededNoise over the batch's seeds) draws SDE noise per sample; ``solver_options``
+    go to the solver (e.g. ``s_churn`` for edm_sde).
+    """
     if sampler not in SOLVERS:
         raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(sorted(SOLVERS))}")
     solver = SOLVERS[sampler]
@@ -70,7 +76,7 @@ def sample(
         sigmas = GRIDS[grid](steps, sigma_min, sigma_max)
     sigmas = sigmas.to(noise.device)
     x = noise.to(torch.float64 if noise.dtype == torch.float64 else torch.float32) * sigma_max
-    return solver.fn(denoiser, x, sigmas.to(x.dtype), noise=generator, callback=callback)
+    return solver.fn(denoiser, x, sigmas.to(x.dtype), noise=generator, callback=callback, **solver_options)
 
 
 __all__ = ["GRIDS", "SOLVERS", "CountingDenoiser", "SeededNoise", "guided_denoiser", "karras_sigmas", "sample"]

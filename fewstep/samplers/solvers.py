@@ -67,3 +67,35 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, n
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
     return x
+
+
+def _randn_like(x: torch.Tensor, noise) -> torch.Tensor:
+    """Per-sample noise from a SeededNoise (seed-per-image), else from the global generator."""
+    if noise is None:
+        return torch.randn_like(x)
+    return noise.randn(x.shape[1:], dtype=x.dtype).to(x.device)
+
+
+@torch.no_grad()
+def sample_edm_sde(
+    denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None,
+    s_churn: float = 40.0, s_tmin: float = 0.05, s_tmax: float = 50.0, s_noise: float = 1.003,
+) -> torch.Tensor:
+    """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): churn noise up to sigma_hat, then a Heun step."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        sigma_hat = sigmas[i] * (1 + gamma)
+        if gamma > 0:
+            x = x + (sigma_hat**2 - sigmas[i] ** 2).sqrt() * s_noise * _randn_like(x, noise)
+        denoised = denoiser(x, _sigma(x, sigma_hat))
+        d = (x - denoised) / sigma_hat
+        dt = sigmas[i + 1] - sigma_hat
+        x_next = x + d * dt
+        if sigmas[i + 1] != 0:
+            d_next = (x_next - denoiser(x_next, _sigma(x, sigmas[i + 1]))) / sigmas[i + 1]
+            x_next = x + (d + d_next) / 2 * dt
+        x = x_next
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+    return x
