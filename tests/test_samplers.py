@@ -118,3 +118,15 @@ def test_edm_sde_noise_is_per_sample_and_churn_zero_is_heun():
     heun = sample(gaussian_denoiser, noise, "heun", 9)
     assert not torch.allclose(whole, heun)
     torch.testing.assert_close(sample(gaussian_denoiser, noise, "edm_sde", 9, s_churn=0.0), heun)
+
+
+def test_ddim_eta_zero_is_euler_and_eta_one_is_stochastic():
+    noise = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(sample(gaussian_denoiser, noise, "ddim", 8), sample(gaussian_denoiser, noise, "euler", 8))
+    a = sample(gaussian_denoiser, noise, "ddim", 8, eta=1.0, generator=SeededNoise(range(4)))
+    b = sample(gaussian_denoiser, noise, "ddim", 8, eta=1.0, generator=SeededNoise(range(10, 14)))
+    assert not torch.allclose(a, b)
+    # ancestral sampling still draws the right law
+    big = torch.randn(20_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = sample(gaussian_denoiser, big, "ddim", 200, eta=1.0, generator=None)
+    assert abs(x.std().item() / SD - 1) < 0.02

@@ -11,7 +11,14 @@ from fewstep.errors import ConfigError
 from fewstep.samplers.grids import GRIDS, karras_sigmas
 from fewstep.samplers.guidance import guided_denoiser
 from fewstep.samplers.noise import SeededNoise
-from fewstep.samplers.solvers import sample_dpmpp_2m, sample_edm_sde, sample_euler, sample_heun
+from fewstep.samplers.solvers import (
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_edm_sde,
+    sample_euler,
+    sample_euler_maruyama,
+    sample_heun,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,8 @@ SOLVERS: dict[str, Solver] = {
     # Heun: 2 evaluations per step but 1 on the last one, so NFE = 2 * steps - 1.
     "heun": Solver(sample_heun, lambda nfe: (nfe + 1) // 2),
     "dpmpp_2m": Solver(sample_dpmpp_2m, lambda nfe: nfe),
+    "ddim": Solver(sample_ddim, lambda nfe: nfe),
+    "euler_maruyama": Solver(sample_euler_maruyama, lambda nfe: nfe),
     "edm_sde": Solver(sample_edm_sde, lambda nfe: (nfe + 1) // 2),  # Heun steps: NFE = 2 * steps - 1
 }
 

@@ -99,3 +99,35 @@ def sample_edm_sde(
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
     return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) in sigma space: eta = 0 is deterministic (Euler), eta = 1 is DDPM's ancestral step."""
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, _sigma(x, sigmas[i]))
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma_up = torch.clamp(eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt(), max=sigma_next)
+        sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
+        x = denoised + (sigma_down / sigma) * (x - denoised)
+        if sigma_up > 0:
+            x = x + sigma_up * _randn_like(x, noise)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_euler_maruyama(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None) -> torch.Tensor:
+    """Euler-Maruyama on the reverse-time SDE dx = -2 sigma score dsigma + sqrt(2 sigma) dW (Song et al. 2021, sigma(t) = t)."""
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, _sigma(x, sigmas[i]))
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if sigma_next == 0:
+            x = denoised  # the last step returns the data prediction, without noise
+        else:
+            x = x + 2 * (x - denoised) / sigma * (sigma_next - sigma)
+            x = x + (2 * sigma * (sigma - sigma_next)).sqrt() * _randn_like(x, noise)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
+    return x
