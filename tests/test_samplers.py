@@ -84,7 +84,10 @@ def test_every_sampler_converges_to_the_gaussian_law(sampler):
     # With the exact denoiser of N(0, SD^2) from sigma_max = 80, the sample std approaches SD as NFE grows
     # (at 20 NFE the discretisation error is still 5-20%; by 200 NFE it is under 2%).
     noise = torch.randn(20_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    errors = [abs(sample(gaussian_denoiser, noise, sampler, nfe=n).std().item() / SD - 1) for n in (20, 60, 200)]
+    torch.manual_seed(0)  # SDE noise from the global generator
+    # EDM's s_noise = 1.003 inflates the variance on purpose (for ImageNet); the law test wants 1.
+    options = {"s_noise": 1.0} if sampler == "edm_sde" else {}
+    errors = [abs(sample(gaussian_denoiser, noise, sampler, nfe=n, **options).std().item() / SD - 1) for n in (20, 60, 200)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02, errors
 
 
@@ -126,7 +129,9 @@ def test_ddim_eta_zero_is_euler_and_eta_one_is_stochastic():
     a = sample(gaussian_denoiser, noise, "ddim", 8, eta=1.0, generator=SeededNoise(range(4)))
     b = sample(gaussian_denoiser, noise, "ddim", 8, eta=1.0, generator=SeededNoise(range(10, 14)))
     assert not torch.allclose(a, b)
-    # ancestral sampling still draws the right law
+    # Ancestral sampling converges to the right law, at first order: plugging in the posterior mean
+    # drops the posterior variance, so coarse grids come out too narrow (about 10% at 50 NFE).
     big = torch.randn(20_000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    x = sample(gaussian_denoiser, big, "ddim", 200, eta=1.0, generator=None)
-    assert abs(x.std().item() / SD - 1) < 0.02
+    torch.manual_seed(0)  # generator=None: SDE noise from the global generator (fast for a big batch)
+    errors = [abs(sample(gaussian_denoiser, big, "ddim", n, eta=1.0).std().item() / SD - 1) for n in (50, 200, 800)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.015, errors
