@@ -164,3 +164,13 @@ def test_multirun_sweeps_methods(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = sorted(p.name for p in tmp_path.glob("outputs/multirun/*/*") if p.is_dir())
     assert jobs == ["0", "1"]
+
+
+def test_sample_grid_takes_the_sampler_config_with_its_options(compose_cfg, tmp_path):
+    from fewstep.callbacks import SampleGrid
+
+    grid = SampleGrid(sampler={"name": "edm_sde", "s_churn": 0.0}, nfe=3)
+    assert grid.sampler == "edm_sde" and grid.options == {"s_churn": 0.0}
+    cfg = compose_cfg("train", ["data=digits", "sampler=edm_sde", *TINY])
+    train(cfg)
+    assert list((tmp_path / "tensorboard" / "samples").glob("step_*.png"))

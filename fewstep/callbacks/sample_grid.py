@@ -18,15 +18,21 @@ class SampleGrid(L.Callback):
     the EMA weights in, so the grid shows the EMA model.
     """
 
-    def __init__(self, n: int = 64, sampler: str = "heun", nfe: int = 35, seed: int = 0, guidance: float = 0.0):
-        self.n, self.sampler, self.nfe, self.seed, self.guidance = n, sampler, nfe, seed, guidance
+    def __init__(self, n: int = 64, sampler: dict | str = "heun", nfe: int = 35, seed: int = 0, guidance: float = 0.0):
+        # ``sampler`` is a sampler config ({name, **solver options}) or just a solver name.
+        options = dict(sampler) if not isinstance(sampler, str) else {"name": sampler}
+        self.sampler = options.pop("name")
+        self.options = options
+        self.n, self.nfe, self.seed, self.guidance = n, nfe, seed, guidance
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         was_training = pl_module.training
         pl_module.eval()
-        samples, _, _ = generate(pl_module, self.n, self.sampler, self.nfe, self.seed, self.guidance)
+        samples, _, _ = generate(
+            pl_module, self.n, self.sampler, self.nfe, self.seed, self.guidance, **self.options
+        )
         pl_module.train(was_training)
         if samples.ndim != 4:  # vector data has no picture
             return
