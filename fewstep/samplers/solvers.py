@@ -29,22 +29,12 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, nois
     return x
 
 
-@torch.no_grad()
 def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None) -> torch.Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); no correction on the step to sigma = 0."""
-    for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, _sigma(x, sigmas[i]))
-        d = (x - denoised) / sigmas[i]
-        dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_next = x + d * dt
-            d_next = (x_next - denoiser(x_next, _sigma(x, sigmas[i + 1]))) / sigmas[i + 1]
-            x = x + (d + d_next) / 2 * dt
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
-    return x
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); no correction on the step to sigma = 0.
+
+    It is EDM's stochastic sampler without churn, so it shares that code.
+    """
+    return sample_edm_sde(denoiser, x, sigmas, noise, callback, s_churn=0.0)
 
 
 @torch.no_grad()
