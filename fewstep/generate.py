@@ -18,6 +18,8 @@ def generate(
     Conditional methods get class labels i mod num_classes and classifier-free guidance ``guidance``.
     Returns (samples, labels or None, NFE per sample as counted).
     """
+    if solver_options.get("sigma_data", 0.5) is None:  # lazy samplers: the data scale the model was trained with
+        solver_options["sigma_data"] = float(method.hparams.get("sigma_data", 0.5))
     shape = tuple(method.hparams.data_shape)
     labels = torch.arange(n, device=method.device) % method.num_classes if method.num_classes else None
     out, nfe_used = [], 0

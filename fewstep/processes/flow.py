@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from fewstep.processes import schedules
+
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) x0 + t n, with t of shape [batch]."""
@@ -39,12 +41,4 @@ def logit_normal_times(
 
 def denoiser_from_velocity(velocity: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Turn ``velocity(x_t, t, **cond)`` into ``denoiser(x, sigma, **cond)`` in EDM's sigma space."""
-
-    def denoiser(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        t = sigma_to_t(sigma)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        x_t = x / (1 + sigma).view(shape)
-        return x_t - t.view(shape) * velocity(x_t, t, **cond).to(x.dtype)
-
-    return denoiser
+    return schedules.denoiser_from_velocity(velocity, schedules.Linear())

@@ -10,7 +10,7 @@ import torch
 from fewstep.errors import ConfigError
 from fewstep.samplers.grids import GRIDS, karras_sigmas
 from fewstep.samplers.guidance import guided_denoiser
-from fewstep.samplers.noise import SeededNoise
+from fewstep.samplers.noise import BrownianPath, SeededNoise
 from fewstep.samplers.solvers import (
     sample_ddim,
     sample_dpmpp_2m,
@@ -18,6 +18,11 @@ from fewstep.samplers.solvers import (
     sample_euler,
     sample_euler_maruyama,
     sample_heun,
+    sample_lazy_ode,
+    sample_lazy_sde,
+    sample_seeds1,
+    sample_seeds2,
+    sample_seeds3,
 )
 
 
@@ -36,6 +41,12 @@ SOLVERS: dict[str, Solver] = {
     "ddim": Solver(sample_ddim, lambda nfe: nfe),
     "euler_maruyama": Solver(sample_euler_maruyama, lambda nfe: nfe),
     "edm_sde": Solver(sample_edm_sde, lambda nfe: (nfe + 1) // 2),  # Heun steps: NFE = 2 * steps - 1
+    # SEEDS-k: k evaluations per step, 1 on the last step (onto sigma = 0, where x = D): NFE = k (steps - 1) + 1.
+    "seeds1": Solver(sample_seeds1, lambda nfe: nfe),
+    "seeds2": Solver(sample_seeds2, lambda nfe: (nfe - 1) // 2 + 1),
+    "seeds3": Solver(sample_seeds3, lambda nfe: (nfe - 1) // 3 + 1),
+    "lazy_ode": Solver(sample_lazy_ode, lambda nfe: nfe),
+    "lazy_sde": Solver(sample_lazy_sde, lambda nfe: nfe),
 }
 
 
@@ -88,4 +99,4 @@ def sample(
     return solver.fn(denoiser, x, sigmas.to(x.dtype), noise=generator, callback=callback, **solver_options)
 
 
-__all__ = ["GRIDS", "SOLVERS", "CountingDenoiser", "SeededNoise", "guided_denoiser", "karras_sigmas", "sample"]
+__all__ = ["GRIDS", "SOLVERS", "BrownianPath", "CountingDenoiser", "SeededNoise", "guided_denoiser", "karras_sigmas", "sample"]

@@ -1,20 +1,25 @@
 """ODE/SDE solvers in the k-diffusion form: ``solver(denoiser, x, sigmas, noise=None, callback=None) -> x``.
 
 ``denoiser(x, sigma)`` returns x0_hat with sigma of shape [batch]; ``sigmas`` is a decreasing grid
-ending at 0; ``noise`` is a SeededNoise for stochastic solvers; ``callback`` gets a dict per step.
+ending at 0; ``noise`` is a noise source for stochastic solvers (SeededNoise or BrownianPath, see
+noise.py; None draws from torch's global generator); ``callback`` gets a dict per step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from fewstep.processes.schedules import Cosine, PointMassLazy, Schedule, reverse_sde_drift, velocity_from_x0
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _sigma(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return value.to(x.dtype).expand(x.shape[0])
+def _sigma(x: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+    """One noise level per sample, in x's dtype (a Python float stays float64 until then)."""
+    return torch.as_tensor(value, dtype=x.dtype, device=x.device).expand(x.shape[0])
 
 
 @torch.no_grad()
@@ -66,6 +71,13 @@ def _randn_like(x: torch.Tensor, noise) -> torch.Tensor:
     return noise.randn(x.shape[1:], dtype=x.dtype).to(x.device)
 
 
+def _increment(x: torch.Tensor, noise, sigma, sigma_next) -> torch.Tensor:
+    """The normalised Brownian increment over [sigma, sigma_next] (a standard normal; see noise.py)."""
+    if noise is None:
+        return torch.randn_like(x)
+    return noise.increment(float(sigma), float(sigma_next), x.shape[1:], dtype=x.dtype).to(x.device)
+
+
 @torch.no_grad()
 def sample_edm_sde(
     denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None,
@@ -101,7 +113,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise
         sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
         x = denoised + (sigma_down / sigma) * (x - denoised)
         if sigma_up > 0:
-            x = x + sigma_up * _randn_like(x, noise)
+            x = x + sigma_up * _increment(x, noise, sigma, sigma_next)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
     return x
@@ -117,7 +129,154 @@ def sample_euler_maruyama(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Ten
             x = denoised  # the last step returns the data prediction, without noise
         else:
             x = x + 2 * (x - denoised) / sigma * (sigma_next - sigma)
-            x = x + (2 * sigma * (sigma - sigma_next)).sqrt() * _randn_like(x, noise)
+            x = x + (2 * sigma * (sigma - sigma_next)).sqrt() * _increment(x, noise, sigma, sigma_next)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
     return x
+
+
+# SEEDS (Gonzalez et al., NeurIPS 2023, arXiv 2305.14267), data prediction, alpha = 1, sigma = t.
+# lambda = -ln sigma, h = lambda_t - lambda_s, stage k at lambda_s + c_k h. The linear part is exact,
+# and the noise is one Brownian path split exactly across the stages:
+# N_k = e^{-(c_k - c_{k-1}) h} N_{k-1} + sqrt(1 - e^{-2 (c_k - c_{k-1}) h}) xi_k, stage k adding sigma_k N_k.
+# The xi_k are increments of one W(1 / sigma^2), so a BrownianPath drives them exactly.
+
+
+def _phi2(z: float) -> float:
+    """phi_2(z) = (e^z - 1 - z) / z, with its series where the difference cancels."""
+    return 0.5 + z / 6 + z * z / 24 if abs(z) < 1e-4 else (math.expm1(z) - z) / z
+
+
+class _SeedsStep:
+    """One SEEDS step from sigma_s towards sigma_t: stage levels, exact linear part, chained noise."""
+
+    def __init__(self, x, sigma_s: float, sigma_t: float, noise):
+        self.x_s, self.sigma_s, self.sigma_t, self.noise = x, sigma_s, sigma_t, noise
+        self.h = math.log(sigma_s / sigma_t)
+        self.noise_sum, self.c_prev, self.sigma_prev = torch.zeros_like(x), 0.0, sigma_s
+
+    def sigma_at(self, c: float) -> float:
+        return self.sigma_t if c == 1 else self.sigma_s * math.exp(-c * self.h)
+
+    def linear(self, c: float) -> tuple[torch.Tensor, float]:
+        """(sigma_c / sigma_s) e^{-c h} x_s (= e^{-2 c h} x_s) and 1 - e^{-2 c h}, the weight of D_s."""
+        return math.exp(-2 * c * self.h) * self.x_s, -math.expm1(-2 * c * self.h)
+
+    def noise_to(self, c: float) -> torch.Tensor:
+        """sigma_c N_c, advancing the noise chain from the previous stage to c."""
+        step = (c - self.c_prev) * self.h
+        sigma_c = self.sigma_at(c)
+        xi = _increment(self.x_s, self.noise, self.sigma_prev, sigma_c)
+        self.noise_sum = math.exp(-step) * self.noise_sum + math.sqrt(-math.expm1(-2 * step)) * xi
+        self.c_prev, self.sigma_prev = c, sigma_c
+        return sigma_c * self.noise_sum
+
+
+def _seeds(denoiser, x, sigmas, noise, callback, stages):
+    """Shared loop: ``stages(step, denoised) -> x_t`` makes the rest of one step; the step to 0 returns D."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, _sigma(x, sigmas[i]))
+        x = denoised if sigma_next == 0 else stages(_SeedsStep(x, sigma, sigma_next, noise), denoised)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
+def sample_seeds1(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None) -> torch.Tensor:
+    """SEEDS-1 (Gonzalez et al. 2023, Alg. 1; = first-order SDE-DPM-Solver++), 1 NFE per step."""
+
+    def stages(step: _SeedsStep, d_s):
+        linear, weight = step.linear(1.0)
+        return linear + weight * d_s + step.noise_to(1.0)
+
+    return _seeds(denoiser, x, sigmas, noise, callback, stages)
+
+
+@torch.no_grad()
+def sample_seeds2(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None, c2: float = 0.5) -> torch.Tensor:
+    """SEEDS-2 (Gonzalez et al. 2023, Alg. 2, data prediction), 2 NFE per step, 1 on the step to 0."""
+
+    def stages(step: _SeedsStep, d_s):
+        linear, weight = step.linear(c2)
+        x_2 = linear + weight * d_s + step.noise_to(c2)
+        d_2 = denoiser(x_2, _sigma(x_2, step.sigma_at(c2)))
+        linear, weight = step.linear(1.0)
+        return linear + weight * (d_s + (d_2 - d_s) / (2 * c2)) + step.noise_to(1.0)
+
+    return _seeds(denoiser, x, sigmas, noise, callback, stages)
+
+
+@torch.no_grad()
+def sample_seeds3(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None) -> torch.Tensor:
+    """SEEDS-3 (Gonzalez et al. 2023, Alg. 4, data prediction, c2 = 1/3, c3 = 2/3), 3 NFE per step, 1 on the step to 0."""
+    c2, c3 = 1 / 3, 2 / 3
+
+    def stages(step: _SeedsStep, d_s):
+        h = step.h
+        linear, weight = step.linear(c2)
+        x_2 = linear + weight * d_s + step.noise_to(c2)
+        d_2 = denoiser(x_2, _sigma(x_2, step.sigma_at(c2)))
+        a32 = (c3 / c2) * _phi2(-2 * c3 * h)
+        a31 = math.expm1(-2 * c3 * h) - a32
+        linear, _ = step.linear(c3)
+        x_3 = linear - (a31 * d_s + a32 * d_2) + step.noise_to(c3)
+        d_3 = denoiser(x_3, _sigma(x_3, step.sigma_at(c3)))
+        b3 = _phi2(-2 * h) / c3
+        b1 = math.expm1(-2 * h) - b3
+        linear, _ = step.linear(1.0)
+        return linear - (b1 * d_s + b3 * d_3) + step.noise_to(1.0)
+
+    return _seeds(denoiser, x, sigmas, noise, callback, stages)
+
+
+# Lazy and point-mass schedules (Damsholt et al., arXiv 2602.03789): the EDM denoiser converted, without
+# retraining, to a schedule in which the drift of N(0, sd^2 I) data is identically zero, so that near-
+# Gaussian data needs few steps. Steps fall at the grid's noise levels, mapped to the schedule's t.
+
+
+def _schedule_times(schedule: Schedule, sigmas: torch.Tensor) -> torch.Tensor:
+    return schedule.t_from_edm_sigma(sigmas.to(torch.float64))
+
+
+@torch.no_grad()
+def sample_euler_in_schedule(denoiser: Denoiser, x, sigmas, schedule: Schedule, callback=None) -> torch.Tensor:
+    """Euler on the probability-flow ODE of ``schedule`` (x_t = alpha x0 + sigma n), 1 NFE per step."""
+    t = _schedule_times(schedule, sigmas)
+    x_t = x * float(schedule.alpha(t[0]))
+    for i in range(len(sigmas) - 1):
+        alpha = float(schedule.alpha(t[i]))
+        denoised = denoiser(x_t / alpha, _sigma(x, sigmas[i]))
+        x_t = x_t + float(t[i + 1] - t[i]) * velocity_from_x0(x_t, denoised, t[i].to(x.dtype), schedule)
+        if callback is not None:
+            callback({"i": i, "x": x_t / float(schedule.alpha(t[i + 1])), "sigma": sigmas[i], "denoised": denoised})
+    return x_t / float(schedule.alpha(t[-1]))
+
+
+@torch.no_grad()
+def sample_euler_maruyama_in_schedule(denoiser: Denoiser, x, sigmas, schedule: Schedule, noise=None, callback=None) -> torch.Tensor:
+    """Euler-Maruyama on the eps*-SDE of ``schedule`` run from noise to data, 1 NFE per step."""
+    t = _schedule_times(schedule, sigmas)
+    x_t = x * float(schedule.alpha(t[0]))
+    for i in range(len(sigmas) - 1):
+        alpha, dt = float(schedule.alpha(t[i])), float(t[i] - t[i + 1])
+        denoised = denoiser(x_t / alpha, _sigma(x, sigmas[i]))
+        drift = reverse_sde_drift(x_t, denoised, t[i].to(x.dtype), schedule)
+        diffusion = math.sqrt(2 * float(schedule.eps_star(t[i])) * dt)
+        # The step onto sigma = 0 has no Brownian increment in tau = 1 / sigma^2 (tau is infinite there).
+        xi = _increment(x, noise, sigmas[i], sigmas[i + 1]) if sigmas[i + 1] > 0 else _randn_like(x, noise)
+        x_t = x_t - dt * drift + diffusion * xi
+        if callback is not None:
+            callback({"i": i, "x": x_t / float(schedule.alpha(t[i + 1])), "sigma": sigmas[i], "denoised": denoised})
+    return x_t / float(schedule.alpha(t[-1]))
+
+
+def sample_lazy_ode(denoiser: Denoiser, x, sigmas, noise=None, callback=None, sigma_data: float = 0.5) -> torch.Tensor:
+    """Euler on Damsholt et al.'s lazy ODE schedule alpha = cos, sigma = sd sin (Sec. 4); exact in 1 step for N(0, sd^2 I)."""
+    return sample_euler_in_schedule(denoiser, x, sigmas, Cosine(sigma_data), callback)
+
+
+def sample_lazy_sde(denoiser: Denoiser, x, sigmas, noise=None, callback=None, sigma_data: float = 0.5) -> torch.Tensor:
+    """Euler-Maruyama on Damsholt et al.'s lazy point-mass schedule with eps* (Sec. 4); exact in 1 step for N(0, sd^2 I)."""
+    return sample_euler_maruyama_in_schedule(denoiser, x, sigmas, PointMassLazy(sigma_data), noise, callback)
