@@ -1,5 +1,6 @@
 """Data modules: image data sets and Gaussian mixtures with an exact denoiser."""
 
+from fewstep.data.gaussian import Gaussian
 from fewstep.data.gmm import GaussianMixture, GMMDataModule
 from fewstep.data.images import CIFAR10, Digits, FashionMNIST, ImageDataModule, ImageFolder, MNIST5k
 
@@ -10,6 +11,7 @@ __all__ = [
     "FashionMNIST",
     "CIFAR10",
     "ImageFolder",
+    "Gaussian",
     "GaussianMixture",
     "GMMDataModule",
 ]
