@@ -1,4 +1,4 @@
-"""Metrics: analytic distances to a known distribution (FID arrives with the evaluation issue)."""
+"""Metrics: analytic distances to a known distribution, and standard FID with the offline Inception network."""
 
 from fewstep.metrics.analytic import (
     frechet_distance,
@@ -8,6 +8,9 @@ from fewstep.metrics.analytic import (
     random_directions,
     sliced_wasserstein2,
 )
+from fewstep.metrics.fid import fid_between, make_fid
+from fewstep.metrics.inception import InceptionFeatures
+from fewstep.metrics.inception_weights import find_weights
 
 __all__ = [
     "frechet_distance",
@@ -16,4 +19,8 @@ __all__ = [
     "random_directions",
     "mode_mass",
     "mode_mass_error",
+    "InceptionFeatures",
+    "make_fid",
+    "fid_between",
+    "find_weights",
 ]
