@@ -1,4 +1,5 @@
-"""Metrics: analytic distances to a known distribution, and standard FID with the offline Inception network."""
+"""Metrics: analytic distances to a known distribution, standard FID with the offline Inception network,
+and domain FID (a data set's own classifier; never comparable with published FID)."""
 
 from fewstep.metrics.analytic import (
     frechet_distance,
@@ -8,9 +9,11 @@ from fewstep.metrics.analytic import (
     random_directions,
     sliced_wasserstein2,
 )
+from fewstep.metrics.domain import DomainClassifier, DomainFeatures, domain_features
 from fewstep.metrics.fid import fid_between, make_fid
 from fewstep.metrics.inception import InceptionFeatures
 from fewstep.metrics.inception_weights import find_weights
+from fewstep.metrics.reference import fid_against_reference, load_reference, reference_stats
 
 __all__ = [
     "frechet_distance",
@@ -23,4 +26,10 @@ __all__ = [
     "make_fid",
     "fid_between",
     "find_weights",
+    "DomainClassifier",
+    "DomainFeatures",
+    "domain_features",
+    "reference_stats",
+    "load_reference",
+    "fid_against_reference",
 ]
