@@ -1,0 +1,121 @@
+"""python -m fewstep.evaluate ckpt=PATH sampler=heun nfe=35 n=10000 metric=fid: one row of results as JSON.
+
+The row goes to ``result.json`` in the run directory; with Hydra multirun each job writes its own,
+and ``python -m fewstep.report DIR`` turns a multirun directory into a table and an FID-vs-NFE plot.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from fewstep.checkpoints import load_method
+from fewstep.cli import check_overrides, user_errors
+from fewstep.errors import ConfigError
+from fewstep.generate import generate
+from fewstep.images import to_uint8
+from fewstep.sample import resolve_device
+
+METRICS = ("fid", "fid_domain", "kid")
+
+
+def training_config(ckpt: str, data_config: str | None) -> DictConfig:
+    """The training run's config: ``data_config`` or .hydra/config.yaml of the checkpoint's run directory."""
+    path = Path(data_config) if data_config else Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"no training config at '{path}': pass data_config=PATH to the .hydra/config.yaml of the run "
+            "that wrote the checkpoint, so that the reference images come from its data set"
+        )
+    return OmegaConf.load(path)
+
+
+def feature_extractor(metric: str, datamodule, data_name: str, cache_dir: Path) -> torch.nn.Module:
+    """The FID Inception network, or for fid_domain a classifier trained on the data set (once, then cached)."""
+    if metric != "fid_domain":
+        from fewstep.metrics import InceptionFeatures
+
+        return InceptionFeatures()
+    from fewstep.metrics import domain_features
+
+    datamodule.setup()
+    images, labels = (torch.stack(column) for column in zip(*(datamodule.train_set[i] for i in range(len(datamodule.train_set)))))
+    return domain_features(data_name, images, labels, datamodule.num_classes, cache_dir)
+
+
+def score(metric: str, extractor, real: torch.Tensor, fake: torch.Tensor, key: str, cache_dir: Path, batch_size: int) -> float:
+    """FID against the real set's cached statistics (computed once per data set, size and metric), or KID."""
+    from fewstep.metrics import fid_against_reference, reference_stats
+    from fewstep.metrics.fid import warn_if_biased
+
+    warn_if_biased(min(len(real), len(fake)))
+    if metric != "kid":
+        reference = reference_stats(key, extractor, real, cache_dir, batch_size)
+        return fid_against_reference(extractor, reference, fake, batch_size)
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    kid = KernelInceptionDistance(feature=extractor, subset_size=min(1000, len(real), len(fake)))
+    device = next(extractor.parameters()).device
+    for images, is_real in ((real, True), (fake, False)):
+        for batch in images.split(batch_size):
+            kid.update(batch.to(device), real=is_real)
+    return kid.compute()[0].item()
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if cfg.metric not in METRICS:
+        raise ConfigError(f"unknown metric '{cfg.metric}': choose one of {', '.join(METRICS)}")
+    if cfg.n < 1:
+        raise ConfigError(f"n={cfg.n}: ask for at least one image (n>=1)")
+    device = resolve_device(cfg.device)
+    train_cfg = training_config(cfg.ckpt, cfg.data_config)
+    method = load_method(cfg.ckpt, map_location=device)
+    if cfg.guidance and not method.num_classes:
+        raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
+    datamodule = instantiate(train_cfg.data)
+    real = datamodule.real_images(cfg.n)
+
+    options = {key: value for key, value in cfg.sampler.items() if key != "name"}
+    start = time.perf_counter()
+    samples, _, nfe = generate(
+        method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size, cfg.grid, **options
+    )
+    seconds = time.perf_counter() - start
+    data_name = train_cfg.data._target_.rpartition(".")[2]
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    extractor = feature_extractor(cfg.metric, datamodule, data_name, cache_dir).to(device)
+    key = f"{data_name}_{'x'.join(map(str, datamodule.shape))}_{cfg.metric}_n{len(real)}"
+    value = score(cfg.metric, extractor, real, to_uint8(samples), key, cache_dir, cfg.batch_size)
+    row = {
+        "metric": cfg.metric, "value": value, "sampler": cfg.sampler.name, "nfe_budget": cfg.nfe, "nfe": nfe,
+        "grid": cfg.grid, "guidance": cfg.guidance, "n": cfg.n, "n_real": len(real), "seed": cfg.seed,
+        "images_per_second": cfg.n / seconds, "data": data_name,
+        "ckpt": str(Path(cfg.ckpt).resolve()), "sampler_options": OmegaConf.to_container(cfg.sampler),
+        "device": str(device),
+    }
+    if cfg.metric == "fid_domain":
+        row["domain_classifier_accuracy"] = extractor.accuracy  # fid_domain is not comparable with published FID
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(row, indent=2))
+    Console().print(f"{cfg.metric} = {value:.4g}  ({cfg.sampler.name}, {nfe} NFE, n = {cfg.n}) -> {out / 'result.json'}")
+    return row
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@user_errors
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["value"]
+
+
+if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
+    main()

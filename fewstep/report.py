@@ -1,0 +1,98 @@
+"""python -m fewstep.report DIR: the result.json rows under DIR (an evaluate multirun) as a table and a plot.
+
+Writes DIR/report.md (one table per metric: a row per sampler setting, a column per NFE actually
+used) and DIR/<metric>_vs_nfe.png, and prints the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fewstep.cli import fail
+
+
+def read_rows(directory: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(directory.rglob("result.json"))]
+
+
+def setting(row: dict) -> str:
+    """What tells two curves apart: the sampler, its grid and the guidance scale when not the defaults."""
+    label = row["sampler"]
+    if row.get("grid", "karras") != "karras":
+        label += f" ({row['grid']})"
+    if row.get("guidance"):
+        label += f", w={row['guidance']:g}"
+    return label
+
+
+def tables(rows: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
+    """metric -> setting -> NFE -> value."""
+    out: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        out[row["metric"]][setting(row)][row["nfe"]] = row["value"]
+    return out
+
+
+def markdown(metric: str, curves: dict[str, dict[int, float]], n: int) -> str:
+    nfes = sorted({nfe for curve in curves.values() for nfe in curve})
+    lines = [f"### {metric} against NFE (n = {n} generated images)", "", "| sampler | " + " | ".join(map(str, nfes)) + " |"]
+    lines.append("|---" * (len(nfes) + 1) + "|")
+    for name, curve in sorted(curves.items()):
+        lines.append(f"| {name} | " + " | ".join(f"{curve[k]:.4g}" if k in curve else "-" for k in nfes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(metric: str, curves: dict[str, dict[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, curve in sorted(curves.items()):
+        nfes = sorted(curve)
+        axes.plot(nfes, [curve[k] for k in nfes], marker="o", label=name)
+    axes.set(xscale="log", yscale="log", xlabel="NFE (counted)", ylabel=metric, title=f"{metric} against NFE")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report(directory: Path) -> Path:
+    rows = read_rows(directory)
+    if not rows:
+        fail(f"no result.json under '{directory}': pass the directory of a 'python -m fewstep.evaluate -m ...' run")
+    console, text = Console(), []
+    for metric, curves in tables(rows).items():
+        n = max(row["n"] for row in rows if row["metric"] == metric)
+        text.append(markdown(metric, curves, n))
+        plot(metric, curves, directory / f"{metric}_vs_nfe.png")
+        table = Table(title=f"{metric} against NFE")
+        nfes = sorted({nfe for curve in curves.values() for nfe in curve})
+        for column in ["sampler", *map(str, nfes)]:
+            table.add_column(column)
+        for name, curve in sorted(curves.items()):
+            table.add_row(name, *(f"{curve[k]:.4g}" if k in curve else "-" for k in nfes))
+        console.print(table)
+    path = directory / "report.md"
+    path.write_text("\n".join(text))
+    console.print(f"{len(rows)} results -> {path}")
+    return path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        fail("usage: python -m fewstep.report DIR (the directory of an evaluate multirun)")
+    report(Path(argv[0]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

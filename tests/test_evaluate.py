@@ -1,0 +1,93 @@
+"""fewstep.evaluate and fewstep.report as a user runs them: a multirun over samplers and NFE, then the table."""
+
+import json
+
+import pytest
+
+from fewstep.errors import FewstepError
+from fewstep.metrics.inception_weights import find_weights
+
+from conftest import run_module
+
+
+def weights_available() -> bool:
+    try:
+        find_weights()
+        return True
+    except FewstepError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))  # domain classifiers and real statistics
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    result = run_module(
+        "fewstep.train", "data=digits", "model=unet_tiny", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (last,) = root.glob("outputs/edm_teacher/digits/*/checkpoints/last.ckpt")
+    return root, last
+
+
+def test_multirun_evaluate_then_report(tiny_checkpoint, tmp_path):
+    root, ckpt = tiny_checkpoint
+    result = run_module(
+        "fewstep.evaluate", "-m", f"ckpt={ckpt}", "sampler=euler,seeds2", "nfe=1,3", "n=40", "batch_size=40",
+        "metric=fid_domain", f"paths.root={tmp_path}", cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep,) = tmp_path.glob("multirun/evaluate/*")
+    rows = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
+    assert len(rows) == 4
+    assert {(r["sampler"], r["nfe_budget"], r["nfe"]) for r in rows} == {
+        ("euler", 1, 1), ("euler", 3, 3), ("seeds2", 1, 1), ("seeds2", 3, 3)
+    }
+    assert all(r["metric"] == "fid_domain" and r["value"] > 0 and r["n"] == 40 and r["data"] == "Digits" for r in rows)
+    assert all(r["domain_classifier_accuracy"] > 0.8 for r in rows)  # trained once, then read from the cache
+    assert len(list((tmp_path / "cache").glob("domain_*.pt"))) == 1
+    assert "biased" in result.stderr  # n < 2048 warns
+
+    reported = run_module("fewstep.report", str(sweep), cwd=root)
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    table = (sweep / "report.md").read_text().splitlines()
+    assert table[2] == "| sampler | 1 | 3 |"
+    assert sorted(line.split(" |")[0] for line in table[4:6]) == ["| euler", "| seeds2"]
+    assert (sweep / "fid_domain_vs_nfe.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not weights_available(), reason="FID weights absent: run 'python -m fewstep.metrics.weights'")
+def test_standard_fid_row(tiny_checkpoint, tmp_path):
+    root, ckpt = tiny_checkpoint
+    result = run_module(
+        "fewstep.evaluate", f"ckpt={ckpt}", "sampler=heun", "nfe=3", "n=3", "metric=fid", f"paths.root={tmp_path}", cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (path,) = tmp_path.glob("evaluate/*/result.json")
+    row = json.loads(path.read_text())
+    assert row["metric"] == "fid" and row["value"] > 0 and row["nfe"] == 3 and row["n_real"] == 3
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["metric=is"], "unknown metric 'is': choose one of fid, fid_domain, kid"),
+        (["data_config=/nonexistent/config.yaml"], "no training config at '/nonexistent/config.yaml'"),
+        (["n=0"], "n=0: ask for at least one image"),
+    ],
+)
+def test_evaluate_errors_are_one_line(tiny_checkpoint, args, expected):
+    root, ckpt = tiny_checkpoint
+    result = run_module("fewstep.evaluate", f"ckpt={ckpt}", *args, cwd=root)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_report_of_an_empty_directory_is_one_line(tmp_path):
+    result = run_module("fewstep.report", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "no result.json" in result.stderr
