@@ -68,7 +68,9 @@ def test_experiments_compose(compose_cfg, experiment):
 def test_hparams_search_sweeps_existing_keys(compose_cfg, search):
     from omegaconf import OmegaConf
 
-    cfg = compose_cfg("train", [f"hparams_search={search}"])
+    # eval_* sweeps run over fewstep.evaluate's config, the others over fewstep.train's
+    entry = "evaluate" if search.startswith("eval_") else "train"
+    cfg = compose_cfg(entry, [f"hparams_search={search}", "ckpt=x"] if entry == "evaluate" else [f"hparams_search={search}"])
     sweep = OmegaConf.load(CONF_DIR / "hparams_search" / f"{search}.yaml").hydra.sweeper.params
     for key in sweep:
         assert OmegaConf.select(cfg, key) is not None, key
