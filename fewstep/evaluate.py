@@ -54,7 +54,7 @@ def feature_extractor(metric: str, datamodule, data_name: str, cache_dir: Path) 
 def score(metric: str, extractor, real: torch.Tensor, fake: torch.Tensor, key: str, cache_dir: Path, batch_size: int) -> float:
     """FID against the real set's cached statistics (computed once per data set, size and metric), or KID."""
     from fewstep.metrics import fid_against_reference, reference_stats
-    from fewstep.metrics.fid import warn_if_biased
+    from fewstep.metrics.fid import update_in_batches, warn_if_biased
 
     warn_if_biased(min(len(real), len(fake)))
     if metric != "kid":
@@ -64,9 +64,8 @@ def score(metric: str, extractor, real: torch.Tensor, fake: torch.Tensor, key: s
 
     kid = KernelInceptionDistance(feature=extractor, subset_size=min(1000, len(real), len(fake)))
     device = next(extractor.parameters()).device
-    for images, is_real in ((real, True), (fake, False)):
-        for batch in images.split(batch_size):
-            kid.update(batch.to(device), real=is_real)
+    update_in_batches(kid, real, True, batch_size, device)
+    update_in_batches(kid, fake, False, batch_size, device)
     return kid.compute()[0].item()
 
 

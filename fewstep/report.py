@@ -39,12 +39,17 @@ def tables(rows: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
     return out
 
 
-def markdown(metric: str, curves: dict[str, dict[int, float]], n: int) -> str:
+def grid(curves: dict[str, dict[int, float]]) -> tuple[list[int], list[list[str]]]:
+    """The NFE columns and one row of cells per setting (a dash where a setting has no run at that NFE)."""
     nfes = sorted({nfe for curve in curves.values() for nfe in curve})
+    rows = [[name, *(f"{curve[k]:.4g}" if k in curve else "-" for k in nfes)] for name, curve in sorted(curves.items())]
+    return nfes, rows
+
+
+def markdown(metric: str, nfes: list[int], rows: list[list[str]], n: int) -> str:
     lines = [f"### {metric} against NFE (n = {n} generated images)", "", "| sampler | " + " | ".join(map(str, nfes)) + " |"]
     lines.append("|---" * (len(nfes) + 1) + "|")
-    for name, curve in sorted(curves.items()):
-        lines.append(f"| {name} | " + " | ".join(f"{curve[k]:.4g}" if k in curve else "-" for k in nfes) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -73,14 +78,14 @@ def report(directory: Path) -> Path:
     console, text = Console(), []
     for metric, curves in tables(rows).items():
         n = max(row["n"] for row in rows if row["metric"] == metric)
-        text.append(markdown(metric, curves, n))
+        nfes, cells = grid(curves)
+        text.append(markdown(metric, nfes, cells, n))
         plot(metric, curves, directory / f"{metric}_vs_nfe.png")
         table = Table(title=f"{metric} against NFE")
-        nfes = sorted({nfe for curve in curves.values() for nfe in curve})
         for column in ["sampler", *map(str, nfes)]:
             table.add_column(column)
-        for name, curve in sorted(curves.items()):
-            table.add_row(name, *(f"{curve[k]:.4g}" if k in curve else "-" for k in nfes))
+        for row in cells:
+            table.add_row(*row)
         console.print(table)
     path = directory / "report.md"
     path.write_text("\n".join(text))

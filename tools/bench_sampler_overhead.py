@@ -25,7 +25,6 @@ MODELS = {  # the presets of fewstep/conf/model
     "small": dict(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attn_levels=(2,)),
     "cifar": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,)),
 }
-SDE = {"euler_maruyama", "edm_sde", "ddim", "seeds1", "seeds2", "seeds3", "lazy_sde"}
 
 
 def synchronize(device: torch.device) -> None:
@@ -74,7 +73,7 @@ def main() -> None:
             denoiser(x_bare, sigma_bare)
 
     rows = []
-    settings = [(name, None) for name in SOLVERS] + [(name, "seeded") for name in SOLVERS if name in SDE]
+    settings = [(name, None) for name in SOLVERS] + [(name, "seeded") for name, solver in SOLVERS.items() if solver.stochastic]
     for name, generator in settings:
         counted = CountingDenoiser(denoiser)
         options = {"eta": 1.0} if name == "ddim" else {}

@@ -27,6 +27,12 @@ def make_fid(
     )
 
 
+def update_in_batches(metric, images_uint8: Tensor, real: bool, batch_size: int, device) -> None:
+    """Feed uint8 images to a torchmetrics FID/KID ``batch_size`` at a time, moving each batch to ``device``."""
+    for batch in images_uint8.split(batch_size):
+        metric.update(batch.to(device), real=real)
+
+
 def warn_if_biased(n: int) -> None:
     # Below the feature dimension the covariance estimate is singular; FID's bias grows like 1/n well beyond that.
     if n < FEATURE_DIM:
@@ -50,7 +56,6 @@ def fid_between(
     warn_if_biased(min(len(real_uint8), len(fake_uint8)))
     device = real_uint8.device if device is None else device
     metric = make_fid(weights).to(device)
-    for images, real in ((real_uint8, True), (fake_uint8, False)):
-        for batch in images.split(batch_size):
-            metric.update(batch.to(device), real=real)
+    update_in_batches(metric, real_uint8, True, batch_size, device)
+    update_in_batches(metric, fake_uint8, False, batch_size, device)
     return metric.compute().item()

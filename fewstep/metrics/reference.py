@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from fewstep.metrics.fid import update_in_batches
+
 PROBE_IMAGES = 4  # images re-featurised on load to catch a cache made by another extractor (a retrained classifier)
 
 
@@ -39,8 +41,7 @@ def reference_stats(
 def compute_stats(extractor: nn.Module, images_uint8: Tensor, batch_size: int) -> dict:
     device = device_of(extractor, images_uint8)
     metric = FrechetInceptionDistance(feature=extractor).to(device)
-    for batch in images_uint8.split(batch_size):
-        metric.update(batch.to(device), real=True)
+    update_in_batches(metric, images_uint8, True, batch_size, device)
     return stats_from_sums(metric.real_features_sum, metric.real_features_cov_sum, metric.real_features_num_samples)
 
 
@@ -74,8 +75,7 @@ def fid_against_reference(extractor: nn.Module, ref: dict, fake_uint8: Tensor, b
     device = device_of(extractor, fake_uint8)
     metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
     load_reference(metric, ref)
-    for batch in fake_uint8.split(batch_size):
-        metric.update(batch.to(device), real=False)
+    update_in_batches(metric, fake_uint8, False, batch_size, device)
     return metric.compute().item()
 
 

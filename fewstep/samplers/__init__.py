@@ -30,6 +30,7 @@ from fewstep.samplers.solvers import (
 class Solver:
     fn: Callable
     steps_for_nfe: Callable[[int], int]  # the most steps whose NFE fits the budget
+    stochastic: bool = False  # draws SDE noise (from ``generator``) along the way
     min_nfe: int = 1
 
 
@@ -38,15 +39,15 @@ SOLVERS: dict[str, Solver] = {
     # Heun: 2 evaluations per step but 1 on the last one, so NFE = 2 * steps - 1.
     "heun": Solver(sample_heun, lambda nfe: (nfe + 1) // 2),
     "dpmpp_2m": Solver(sample_dpmpp_2m, lambda nfe: nfe),
-    "ddim": Solver(sample_ddim, lambda nfe: nfe),
-    "euler_maruyama": Solver(sample_euler_maruyama, lambda nfe: nfe),
-    "edm_sde": Solver(sample_edm_sde, lambda nfe: (nfe + 1) // 2),  # Heun steps: NFE = 2 * steps - 1
+    "ddim": Solver(sample_ddim, lambda nfe: nfe, stochastic=True),
+    "euler_maruyama": Solver(sample_euler_maruyama, lambda nfe: nfe, stochastic=True),
+    "edm_sde": Solver(sample_edm_sde, lambda nfe: (nfe + 1) // 2, stochastic=True),  # Heun steps: NFE = 2 * steps - 1
     # SEEDS-k: k evaluations per step, 1 on the last step (onto sigma = 0, where x = D): NFE = k (steps - 1) + 1.
-    "seeds1": Solver(sample_seeds1, lambda nfe: nfe),
-    "seeds2": Solver(sample_seeds2, lambda nfe: (nfe - 1) // 2 + 1),
-    "seeds3": Solver(sample_seeds3, lambda nfe: (nfe - 1) // 3 + 1),
+    "seeds1": Solver(sample_seeds1, lambda nfe: nfe, stochastic=True),
+    "seeds2": Solver(sample_seeds2, lambda nfe: (nfe - 1) // 2 + 1, stochastic=True),
+    "seeds3": Solver(sample_seeds3, lambda nfe: (nfe - 1) // 3 + 1, stochastic=True),
     "lazy_ode": Solver(sample_lazy_ode, lambda nfe: nfe),
-    "lazy_sde": Solver(sample_lazy_sde, lambda nfe: nfe),
+    "lazy_sde": Solver(sample_lazy_sde, lambda nfe: nfe, stochastic=True),
 }
 
 

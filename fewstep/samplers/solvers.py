@@ -153,7 +153,7 @@ class _SeedsStep:
     def __init__(self, x, sigma_s: float, sigma_t: float, noise):
         self.x_s, self.sigma_s, self.sigma_t, self.noise = x, sigma_s, sigma_t, noise
         self.h = math.log(sigma_s / sigma_t)
-        self.noise_sum, self.c_prev, self.sigma_prev = torch.zeros_like(x), 0.0, sigma_s
+        self.noise_sum, self.c_prev = torch.zeros_like(x), 0.0
 
     def sigma_at(self, c: float) -> float:
         return self.sigma_t if c == 1 else self.sigma_s * math.exp(-c * self.h)
@@ -166,9 +166,9 @@ class _SeedsStep:
         """sigma_c N_c, advancing the noise chain from the previous stage to c."""
         step = (c - self.c_prev) * self.h
         sigma_c = self.sigma_at(c)
-        xi = _increment(self.x_s, self.noise, self.sigma_prev, sigma_c)
+        xi = _increment(self.x_s, self.noise, self.sigma_at(self.c_prev), sigma_c)
         self.noise_sum = math.exp(-step) * self.noise_sum + math.sqrt(-math.expm1(-2 * step)) * xi
-        self.c_prev, self.sigma_prev = c, sigma_c
+        self.c_prev = c
         return sigma_c * self.noise_sum
 
 
