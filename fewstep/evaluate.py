@@ -22,9 +22,8 @@ from fewstep.cli import check_overrides, user_errors
 from fewstep.errors import ConfigError
 from fewstep.generate import generate
 from fewstep.images import to_uint8
+from fewstep.metrics.score import check_metric, feature_extractor, reference_key, score
 from fewstep.sample import resolve_device
-
-METRICS = ("fid", "fid_domain", "kid")
 
 
 def training_config(ckpt: str, data_config: str | None) -> DictConfig:
@@ -38,40 +37,8 @@ def training_config(ckpt: str, data_config: str | None) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def feature_extractor(metric: str, datamodule, data_name: str, cache_dir: Path) -> torch.nn.Module:
-    """The FID Inception network, or for fid_domain a classifier trained on the data set (once, then cached)."""
-    if metric != "fid_domain":
-        from fewstep.metrics import InceptionFeatures
-
-        return InceptionFeatures()
-    from fewstep.metrics import domain_features
-
-    datamodule.setup()
-    images, labels = (torch.stack(column) for column in zip(*(datamodule.train_set[i] for i in range(len(datamodule.train_set)))))
-    return domain_features(data_name, images, labels, datamodule.num_classes, cache_dir)
-
-
-def score(metric: str, extractor, real: torch.Tensor, fake: torch.Tensor, key: str, cache_dir: Path, batch_size: int) -> float:
-    """FID against the real set's cached statistics (computed once per data set, size and metric), or KID."""
-    from fewstep.metrics import fid_against_reference, reference_stats
-    from fewstep.metrics.fid import update_in_batches, warn_if_biased
-
-    warn_if_biased(min(len(real), len(fake)))
-    if metric != "kid":
-        reference = reference_stats(key, extractor, real, cache_dir, batch_size)
-        return fid_against_reference(extractor, reference, fake, batch_size)
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    kid = KernelInceptionDistance(feature=extractor, subset_size=min(1000, len(real), len(fake)))
-    device = next(extractor.parameters()).device
-    update_in_batches(kid, real, True, batch_size, device)
-    update_in_batches(kid, fake, False, batch_size, device)
-    return kid.compute()[0].item()
-
-
 def evaluate(cfg: DictConfig) -> dict:
-    if cfg.metric not in METRICS:
-        raise ConfigError(f"unknown metric '{cfg.metric}': choose one of {', '.join(METRICS)}")
+    check_metric(cfg.metric)
     if cfg.n < 1:
         raise ConfigError(f"n={cfg.n}: ask for at least one image (n>=1)")
     device = resolve_device(cfg.device)
@@ -91,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict:
     data_name = train_cfg.data._target_.rpartition(".")[2]
     cache_dir = Path(cfg.cache_dir).expanduser()
     extractor = feature_extractor(cfg.metric, datamodule, data_name, cache_dir).to(device)
-    key = f"{data_name}_{'x'.join(map(str, datamodule.shape))}_{cfg.metric}_n{len(real)}"
+    key = reference_key(data_name, datamodule.shape, cfg.metric, len(real))
     value = score(cfg.metric, extractor, real, to_uint8(samples), key, cache_dir, cfg.batch_size)
     row = {
         "metric": cfg.metric, "value": value, "sampler": cfg.sampler.name, "nfe_budget": cfg.nfe, "nfe": nfe,

@@ -53,22 +53,30 @@ def markdown(metric: str, nfes: list[int], rows: list[list[str]], n: int) -> str
     return "\n".join(lines) + "\n"
 
 
-def plot(metric: str, curves: dict[str, dict[int, float]], path: Path) -> None:
+def figure(metric: str, curves: dict[str, dict[int, float]]):
+    """A matplotlib figure of ``metric`` against NFE, one line per setting (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(figsize=(6, 4))
     for name, curve in sorted(curves.items()):
         nfes = sorted(curve)
         axes.plot(nfes, [curve[k] for k in nfes], marker="o", label=name)
     axes.set(xscale="log", yscale="log", xlabel="NFE (counted)", ylabel=metric, title=f"{metric} against NFE")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    fig.tight_layout()
+    return fig
+
+
+def plot(metric: str, curves: dict[str, dict[int, float]], path: Path) -> None:
+    from matplotlib import pyplot as plt
+
+    fig = figure(metric, curves)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def report(directory: Path) -> Path:

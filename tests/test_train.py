@@ -80,6 +80,18 @@ def test_checkpoint_round_trip_holds_ema_weights(compose_cfg, tmp_path):
     assert method.denoiser(x, torch.full((2,), 1.0)).shape == x.shape
 
 
+def test_resume_continues_the_step_count_and_optimiser(compose_cfg, tmp_path):
+    path = _train_with_checkpoint(compose_cfg, tmp_path)
+    before = read_checkpoint(path)
+    assert before["global_step"] == 3
+    _train_with_checkpoint(compose_cfg, tmp_path, f"ckpt_path={path}", "trainer.max_steps=6")
+    after = read_checkpoint(path)
+    assert after["global_step"] == 6
+    # Adam's step counters carried on from the checkpoint instead of starting again at 0
+    steps = {float(state["step"]) for state in after["optimizer_states"][0]["state"].values()}
+    assert steps == {6.0}
+
+
 def test_resume_with_another_architecture_names_the_mismatch(compose_cfg, tmp_path):
     path = _train_with_checkpoint(compose_cfg, tmp_path)
     cfg = compose_cfg("train", ["data=digits", *TINY, "model.model_channels=8", f"ckpt_path={path}"])

@@ -33,11 +33,11 @@ def update_in_batches(metric, images_uint8: Tensor, real: bool, batch_size: int,
         metric.update(batch.to(device), real=real)
 
 
-def warn_if_biased(n: int) -> None:
+def warn_if_biased(n: int, dim: int = FEATURE_DIM) -> None:
     # Below the feature dimension the covariance estimate is singular; FID's bias grows like 1/n well beyond that.
-    if n < FEATURE_DIM:
+    if n < dim:
         warnings.warn(
-            f"FID from n={n} < {FEATURE_DIM} images is biased upwards; use n >= {COMPARABLE_N} for comparable numbers",
+            f"FID from n={n} < {dim} images is biased upwards; use n >= {COMPARABLE_N} for comparable numbers",
             stacklevel=3,
         )
 

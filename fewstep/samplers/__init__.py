@@ -63,6 +63,16 @@ class CountingDenoiser:
         return self.denoiser(x, sigma, **cond)
 
 
+def check_solver(sampler: str, nfe: int) -> Solver:
+    """The named solver, or a one-line ConfigError for an unknown name or an NFE below its minimum."""
+    if sampler not in SOLVERS:
+        raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(sorted(SOLVERS))}")
+    solver = SOLVERS[sampler]
+    if nfe < solver.min_nfe:
+        raise ConfigError(f"nfe={nfe} is below the minimum of sampler '{sampler}': use nfe>={solver.min_nfe}")
+    return solver
+
+
 def sample(
     denoiser: Callable[..., torch.Tensor],
     noise: torch.Tensor,
@@ -81,11 +91,7 @@ def sample(
     ``generator`` (a SeededNoise over the batch's seeds) draws SDE noise per sample; ``solver_options``
     go to the solver (e.g. ``s_churn`` for edm_sde).
     """
-    if sampler not in SOLVERS:
-        raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(sorted(SOLVERS))}")
-    solver = SOLVERS[sampler]
-    if nfe < solver.min_nfe:
-        raise ConfigError(f"nfe={nfe} is below the minimum of sampler '{sampler}': use nfe>={solver.min_nfe}")
+    solver = check_solver(sampler, nfe)
     if not 0 < sigma_min < sigma_max:
         raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if grid not in GRIDS:
@@ -100,4 +106,4 @@ def sample(
     return solver.fn(denoiser, x, sigmas.to(x.dtype), noise=generator, callback=callback, **solver_options)
 
 
-__all__ = ["GRIDS", "SOLVERS", "BrownianPath", "CountingDenoiser", "SeededNoise", "guided_denoiser", "karras_sigmas", "sample"]
+__all__ = ["GRIDS", "SOLVERS", "BrownianPath", "CountingDenoiser", "SeededNoise", "check_solver", "guided_denoiser", "karras_sigmas", "sample"]

@@ -1,0 +1,62 @@
+"""One score of generated images against a data set: fid, fid_domain or kid, with cached real statistics.
+
+Shared by ``python -m fewstep.evaluate`` and the ``SamplerBenchmark`` callback, so both give the same
+number for the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.errors import ConfigError
+
+METRICS = ("fid", "fid_domain", "kid")
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric '{metric}': choose one of {', '.join(METRICS)}")
+
+
+def feature_extractor(metric: str, datamodule, data_name: str, cache_dir: Path) -> nn.Module:
+    """The FID Inception network, or for fid_domain a classifier trained on the data set (once, then cached)."""
+    check_metric(metric)
+    if metric != "fid_domain":
+        from fewstep.metrics.inception import InceptionFeatures
+
+        return InceptionFeatures()
+    from fewstep.metrics.domain import domain_features
+
+    datamodule.setup()
+    images, labels = (torch.stack(column) for column in zip(*(datamodule.train_set[i] for i in range(len(datamodule.train_set)))))
+    return domain_features(data_name, images, labels, datamodule.num_classes, cache_dir)
+
+
+def reference_key(data_name: str, shape, metric: str, n_real: int) -> str:
+    """What determines the real statistics: data set, resolution, metric and number of real images."""
+    return f"{data_name}_{'x'.join(map(str, shape))}_{metric}_n{n_real}"
+
+
+def score(metric: str, extractor: nn.Module, real: Tensor, fake: Tensor, key: str, cache_dir: Path, batch_size: int) -> float:
+    """FID against the real set's cached statistics (computed once per data set, size and metric), or KID.
+
+    ``real`` and ``fake`` are uint8 images [N, C, H, W].
+    """
+    from fewstep.metrics.fid import update_in_batches, warn_if_biased
+    from fewstep.metrics.reference import fid_against_reference, reference_stats
+
+    check_metric(metric)
+    warn_if_biased(min(len(real), len(fake)), extractor.num_features)
+    if metric != "kid":
+        reference = reference_stats(key, extractor, real, cache_dir, batch_size)
+        return fid_against_reference(extractor, reference, fake, batch_size)
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    kid = KernelInceptionDistance(feature=extractor, subset_size=min(1000, len(real), len(fake)))
+    device = next(extractor.parameters()).device
+    update_in_batches(kid, real, True, batch_size, device)
+    update_in_batches(kid, fake, False, batch_size, device)
+    return kid.compute()[0].item()
