@@ -27,8 +27,16 @@ from fewstep.sample import resolve_device
 
 
 def training_config(ckpt: str, data_config: str | None) -> DictConfig:
-    """The training run's config: ``data_config`` or .hydra/config.yaml of the checkpoint's run directory."""
-    path = Path(data_config) if data_config else Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
+    """The training run's config: ``data_config``, or the nearest .hydra/config.yaml above the checkpoint.
+
+    A plain run keeps it at <run>/.hydra; a staged run's checkpoints sit one level deeper, in
+    <run>/stage<i>_<M>steps/checkpoints.
+    """
+    if data_config:
+        path = Path(data_config)
+    else:
+        found = [d / ".hydra" / "config.yaml" for d in Path(ckpt).resolve().parents if (d / ".hydra" / "config.yaml").is_file()]
+        path = found[0] if found else Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
     if not path.is_file():
         raise ConfigError(
             f"no training config at '{path}': pass data_config=PATH to the .hydra/config.yaml of the run "

@@ -24,7 +24,7 @@ def read_rows(directory: Path) -> list[dict]:
 def setting(row: dict) -> str:
     """What tells two curves apart: the sampler, its grid and the guidance scale when not the defaults."""
     label = row["sampler"]
-    if row.get("grid", "karras") != "karras":
+    if row.get("grid") not in (None, "karras"):  # None: the model's default grid
         label += f" ({row['grid']})"
     if row.get("guidance"):
         label += f", w={row['guidance']:g}"

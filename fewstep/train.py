@@ -17,16 +17,30 @@ from fewstep.cli import check_overrides, user_errors
 
 
 def train(cfg: DictConfig) -> dict:
-    """Instantiate data, method, callbacks, loggers and Trainer from ``cfg``; fit; report where things are."""
+    """Train the configured method; staged methods (``method.stages``: kac_endpoint) run a fit per stage."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     # Load the data before the Trainer starts, so a missing data set fails at once, in one line.
     datamodule.prepare_data()
     datamodule.setup("fit")
-    method = instantiate(
-        cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes
-    )
+    if cfg.method.get("stages"):
+        from fewstep.stages import train_stages
+
+        return train_stages(cfg, fit, datamodule)
+    return fit(cfg, datamodule=datamodule)
+
+
+def fit(cfg: DictConfig, method: L.LightningModule | None = None, datamodule=None) -> dict:
+    """Instantiate what ``cfg`` names (the method too, unless given); fit; report where things are."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if datamodule is None:
+        datamodule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    if method is None:
+        method = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
     if cfg.get("ckpt_path"):
         check_compatible(read_checkpoint(cfg.ckpt_path), method, cfg.ckpt_path)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

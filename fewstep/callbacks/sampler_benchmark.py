@@ -55,7 +55,7 @@ class SamplerBenchmark(L.Callback):
         every_n_validations: int = 1,
         seed: int = 0,
         batch_size: int = 256,
-        grid: str = "karras",
+        grid: str | None = None,
         grid_images: int = 64,
         cache_dir: str = "~/.cache/fewstep",
     ):

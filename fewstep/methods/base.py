@@ -11,6 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
+
 
 def plain(value: Any) -> Any:
     """A Hydra/OmegaConf node as plain Python containers (so checkpoints do not pickle OmegaConf)."""
@@ -60,6 +62,21 @@ class GenerativeMethod(L.LightningModule):
 
     def denoiser(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+        """Samples for the seeds of ``noise`` (a SeededNoise) with at most ``nfe`` network calls: (x, NFE counted).
+
+        This one runs a diffusion sampler on ``denoiser``; methods of other processes override it.
+        """
+        if options.get("sigma_data", 0.5) is None:  # lazy samplers: the data scale the model was trained with
+            options["sigma_data"] = float(self.hparams.get("sigma_data", 0.5))
+        denoiser = self.denoiser
+        if class_labels is not None:
+            denoiser = guided_denoiser(denoiser, guidance, class_labels, self.null_label)
+        counted = CountingDenoiser(denoiser)
+        x_T = noise.randn(tuple(self.hparams.data_shape))
+        x = sample(counted, x_T, sampler, nfe, generator=noise, grid=grid or "karras", **options)
+        return x, counted.nfe
 
     # -- Lightning -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

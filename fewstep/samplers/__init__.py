@@ -9,7 +9,8 @@ import torch
 
 from fewstep.errors import ConfigError
 from fewstep.samplers.grids import GRIDS, karras_sigmas
-from fewstep.samplers.guidance import guided_denoiser
+from fewstep.samplers.guidance import guided_denoiser, guided_velocity
+from fewstep.samplers.kac import KAC_SOLVERS, check_kac_solver, sample_kac
 from fewstep.samplers.noise import BrownianPath, SeededNoise
 from fewstep.samplers.solvers import (
     sample_ddim,
@@ -63,10 +64,22 @@ class CountingDenoiser:
         return self.denoiser(x, sigma, **cond)
 
 
-def check_solver(sampler: str, nfe: int) -> Solver:
-    """The named solver, or a one-line ConfigError for an unknown name or an NFE below its minimum."""
+def check_solver(sampler: str, nfe: int, kac: bool | None = None):
+    """The named solver, or a one-line ConfigError for an unknown name or an NFE below its minimum.
+
+    ``kac``: True for a Kac model (Kac samplers only), False for a diffusion model, None for either.
+    """
+    if sampler in KAC_SOLVERS and kac is not False:
+        return check_kac_solver(sampler, nfe)
+    if kac:
+        check_kac_solver(sampler, nfe)  # names the Kac samplers
+    if sampler in KAC_SOLVERS:
+        raise ConfigError(
+            f"sampler '{sampler}' integrates a Kac flow and this is a diffusion model: choose one of {', '.join(sorted(SOLVERS))}"
+        )
     if sampler not in SOLVERS:
-        raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(sorted(SOLVERS))}")
+        choices = sorted(SOLVERS) + ([] if kac is False else sorted(KAC_SOLVERS))
+        raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(choices)}")
     solver = SOLVERS[sampler]
     if nfe < solver.min_nfe:
         raise ConfigError(f"nfe={nfe} is below the minimum of sampler '{sampler}': use nfe>={solver.min_nfe}")
@@ -91,7 +104,7 @@ def sample(
     ``generator`` (a SeededNoise over the batch's seeds) draws SDE noise per sample; ``solver_options``
     go to the solver (e.g. ``s_churn`` for edm_sde).
     """
-    solver = check_solver(sampler, nfe)
+    solver = check_solver(sampler, nfe, kac=False)
     if not 0 < sigma_min < sigma_max:
         raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if grid not in GRIDS:
@@ -106,4 +119,4 @@ def sample(
     return solver.fn(denoiser, x, sigmas.to(x.dtype), noise=generator, callback=callback, **solver_options)
 
 
-__all__ = ["GRIDS", "SOLVERS", "BrownianPath", "CountingDenoiser", "SeededNoise", "check_solver", "guided_denoiser", "karras_sigmas", "sample"]
+__all__ = ["GRIDS", "SOLVERS", "BrownianPath", "CountingDenoiser", "KAC_SOLVERS", "SeededNoise", "check_solver", "guided_denoiser", "guided_velocity", "karras_sigmas", "sample", "sample_kac"]

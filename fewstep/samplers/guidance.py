@@ -1,10 +1,12 @@
-"""Classifier-free guidance in denoiser space (Ho & Salimans 2022)."""
+"""Classifier-free guidance (Ho & Salimans 2022) in denoiser space, and in velocity space for Kac flows."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+
+from fewstep.errors import ConfigError
 
 
 def guided_denoiser(
@@ -15,7 +17,7 @@ def guided_denoiser(
     w = 0 is the plain conditional denoiser (and costs one conditional call only).
     """
     if scale < 0:
-        raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        raise ConfigError(f"guidance scale w={scale} is negative: use w >= 0 (0 is the plain conditional model)")
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if scale == 0:
@@ -26,3 +28,8 @@ def guided_denoiser(
         return (1 + scale) * cond - scale * uncond
 
     return guided
+
+
+# DistillKac's velocity-space guidance u_w = (1 + w) u(x, t | y) - w u(x, t | empty) is the same combination
+# of a model's two outputs, with t in place of sigma.
+guided_velocity = guided_denoiser

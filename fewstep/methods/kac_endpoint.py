@@ -1,0 +1,105 @@
+"""DistillKac endpoint-only distillation (Han et al. 2025, arXiv 2509.21513): one stage, M student steps."""
+
+from __future__ import annotations
+
+import torch
+
+from fewstep.errors import CheckpointError, ConfigError
+from fewstep.methods.kac_teacher import KAC_HPARAMS, KacTeacher
+from fewstep.samplers.kac import KAC_SOLVERS
+
+
+class KacEndpoint(KacTeacher):
+    """The student takes one Euler step of size D = T / M where a frozen teacher takes N = teacher_steps / M.
+
+    From x_{t_k} (a draw of the forward path at a grid time t_k = T - k D), the teacher integrates N
+    sub-steps down to t_k - D, giving x_T; the student steps x_S = x_{t_k} - D u_phi(x_{t_k}, t_k); the
+    loss is |x_S - x_T|^2 on the endpoint only (the paper's stability theorem carries endpoint closeness
+    to the whole path). The student is a Kac model like its teacher and samples with kac_euler at M steps.
+
+    The teacher is attached with ``attach_teacher`` before fitting; it is not a submodule, so neither the
+    checkpoint nor the EMA average carries it (``teacher_ckpt`` records where it came from).
+    """
+
+    def __init__(
+        self, *args, student_steps: int = 1, teacher_steps: int = 100, teacher_sampler: str = "kac_euler",
+        teacher_ckpt: str | None = None, **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters("student_steps", "teacher_steps", "teacher_sampler", "teacher_ckpt")
+        check_stages([teacher_steps, student_steps])
+        if teacher_sampler not in KAC_SOLVERS:
+            raise ConfigError(
+                f"teacher sampler '{teacher_sampler}' cannot integrate a Kac flow: use one of {', '.join(sorted(KAC_SOLVERS))}"
+            )
+        self.teacher: KacTeacher | None = None
+
+    def attach_teacher(self, teacher: KacTeacher, init_student: bool = True) -> None:
+        """Freeze ``teacher`` as this stage's target and (by default) start the student from its weights."""
+        check_teacher(teacher, self, self.hparams.teacher_ckpt)
+        teacher = teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)  # not registered: stays out of state_dict and the EMA
+        if init_student:
+            self.net.load_state_dict(teacher.net.state_dict())
+
+    def on_fit_start(self) -> None:
+        if self.teacher is None:
+            raise ConfigError("kac_endpoint has no teacher: call attach_teacher(teacher) before fitting")
+        self.teacher.to(self.device)
+
+    def teacher_endpoint(self, x: torch.Tensor, t: torch.Tensor, class_labels) -> torch.Tensor:
+        """The teacher's N sub-steps from each sample's own t down to t - D."""
+        n_sub = self.hparams.teacher_steps // self.hparams.student_steps
+        step = self.hparams.T / self.hparams.student_steps / n_sub
+        ts = t[None, :] - step * torch.arange(n_sub + 1, device=t.device, dtype=t.dtype)[:, None]
+
+        def velocity(x_, t_):
+            return self.teacher.velocity(x_, t_, class_labels)
+
+        return KAC_SOLVERS[self.hparams.teacher_sampler].fn(velocity, x, ts)
+
+    def loss(self, x0, class_labels, generator=None):
+        if self.teacher is None:
+            raise ConfigError("kac_endpoint has no teacher: call attach_teacher(teacher) before training")
+        steps, T = self.hparams.student_steps, self.hparams.T
+        D = T / steps
+        k = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
+        t = T - k.to(x0.dtype) * D  # the start of each sample's student interval
+        x_t, _ = self.path.forward(x0, t, generator=generator)
+        with torch.no_grad():
+            x_teacher = self.teacher_endpoint(x_t, t, class_labels)
+        x_student = x_t - D * self.velocity(x_t, t, class_labels)
+        return ((x_student - x_teacher) ** 2).mean()
+
+
+def check_stages(stages: list[int]) -> None:
+    """Steps per stage, teacher first: positive, decreasing, each dividing the one before (100, 20, 4, 2, 1)."""
+    if len(stages) < 2 or any(int(s) != s or s < 1 for s in stages):
+        raise ConfigError(f"stages {list(stages)}: give the teacher's steps then each student's, all >= 1 (e.g. 100,20,4,2,1)")
+    for teacher, student in zip(stages, stages[1:]):
+        if student >= teacher or teacher % student:
+            raise ConfigError(
+                f"stages {list(stages)}: {student} student steps do not divide the {teacher} teacher steps; "
+                "use steps that each divide the one before (e.g. 100,20,4,2,1)"
+            )
+
+
+def require_kac(teacher, path) -> None:
+    """A one-line CheckpointError unless ``teacher`` (from ``path``) is a Kac model."""
+    if not isinstance(teacher, KacTeacher):
+        where = f"teacher checkpoint '{path}'" if path else "the teacher"
+        raise CheckpointError(
+            f"{where} holds a {type(teacher).__name__}, not a Kac model: kac_endpoint distils a method=kac_teacher run"
+        )
+
+
+def check_teacher(teacher, student: KacTeacher, path) -> None:
+    """One line naming why ``teacher`` (from ``path``) cannot teach ``student``: another process or architecture."""
+    require_kac(teacher, path)
+    where = f"teacher checkpoint '{path}'" if path else "the teacher"
+    for key in (*KAC_HPARAMS, "net", "data_shape", "num_classes", "conditional"):
+        if teacher.hparams.get(key) != student.hparams.get(key):
+            raise CheckpointError(
+                f"{where} does not match this student: its {key} is {teacher.hparams.get(key)}, the student's is "
+                f"{student.hparams.get(key)}; use the teacher's model/data settings or another teacher"
+            )

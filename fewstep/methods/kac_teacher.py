@@ -1,0 +1,64 @@
+"""Kac-flow teacher (Duong et al. 2025, Telegrapher's Generative Model via Kac Flows): velocity regression."""
+
+from __future__ import annotations
+
+import torch
+
+from fewstep.errors import ConfigError
+from fewstep.methods.base import GenerativeMethod
+from fewstep.processes.kac import KacPath, KacProcess
+from fewstep.samplers import CountingDenoiser, guided_velocity, sample_kac
+
+KAC_HPARAMS = ("a", "c", "T", "f", "g")  # what a Kac model's process is; a teacher and its student share them
+
+
+class KacTeacher(GenerativeMethod):
+    """loss = |u(x_t, t) - u*|^2, x_t = f(t) x0 + K_{g(t)}, u* = f'(t) x0 + g'(t) v_K(K_{g(t)}, g(t)), t ~ U(t_min T, T).
+
+    Sampling integrates dx/dt = u(x, t) from the Kac prior at t = T to t = 0 (kac_euler, kac_heun, kac_ab2);
+    class-conditional models take velocity-space guidance u_w = (1 + w) u(x, t | y) - w u(x, t | empty).
+    """
+
+    def __init__(
+        self, *args, a: float = 9.0, c: float = 3.0, T: float = 1.0, f: str = "linear", g: str = "linear",
+        t_min: float = 1e-3, **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters(*KAC_HPARAMS, "t_min")
+        if not 0 <= t_min < 1:
+            raise ConfigError(f"t_min={t_min}: the smallest training time is a fraction of T, use 0 <= t_min < 1")
+        self.path = KacPath(KacProcess(a, c), T, f, g)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """u_theta(x, t), t a [batch] tensor in [0, T]; the network sees t / T."""
+        return self.net(x, t / self.hparams.T, class_labels)
+
+    def denoiser(self, x, sigma, class_labels=None):
+        raise ConfigError("a Kac model has no Gaussian denoiser: sample it with sampler=kac_euler, kac_heun or kac_ab2")
+
+    def training_times(self, n: int, generator, device) -> torch.Tensor:
+        t_min, T = self.hparams.t_min, self.hparams.T
+        return T * (t_min + (1 - t_min) * torch.rand(n, generator=generator, device=device))
+
+    def loss(self, x0, class_labels, generator=None):
+        t = self.training_times(x0.shape[0], generator, x0.device)
+        x_t, k = self.path.forward(x0, t, generator=generator)
+        target = self.path.target(x0, k, t)
+        return ((self.velocity(x_t, t, class_labels) - target) ** 2).mean()
+
+    def prior(self, noise) -> torch.Tensor:
+        """x_T for each seed of ``noise`` (a SeededNoise): sample i depends on its own generator only."""
+        shape = tuple(self.hparams.data_shape)
+        return torch.cat([self.path.prior((1, *shape), generator=g, device=self.device) for g in noise.generators])
+
+    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+        if grid not in (None, "uniform"):
+            raise ConfigError(f"grid '{grid}' is a diffusion noise grid: a Kac model steps uniformly in t, use grid=null")
+        if options:
+            raise ConfigError(f"Kac samplers take no options, got {', '.join(options)}: remove them")
+        velocity = self.velocity
+        if class_labels is not None:
+            velocity = guided_velocity(velocity, guidance, class_labels, self.null_label)
+        counted = CountingDenoiser(velocity)
+        x = sample_kac(counted, self.prior(noise), sampler, nfe, self.hparams.T)
+        return x, counted.nfe

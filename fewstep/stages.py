@@ -1,0 +1,168 @@
+"""Staged distillation runs: find (or train) the teacher, then one Lightning fit per student stage.
+
+``python -m fewstep.train method=kac_endpoint`` comes here: the teacher is ``teacher.ckpt``, or
+the newest completed kac_teacher run for the same data and model under ``paths.root``, or else one
+trained first. Each stage writes a complete run directory (checkpoints, TensorBoard, sample grids)
+under ``<run>/stage<i>_<M>steps/``, and its student teaches the next stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+from rich.table import Table
+
+from fewstep.checkpoints import load_method, read_checkpoint
+from fewstep.cli import CONF_DIR
+from fewstep.errors import ConfigError
+from fewstep.methods.kac_endpoint import KacEndpoint, check_stages, require_kac
+from fewstep.methods.kac_teacher import KAC_HPARAMS
+
+console = Console()
+
+
+def data_name(cfg: DictConfig) -> str:
+    """The data config's name as Hydra chose it (mnist5k), for the teacher's run directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("data", "data")
+    return cfg.data._target_.rpartition(".")[2].lower()
+
+
+def same_setting(run: DictConfig, cfg: DictConfig) -> bool:
+    """Whether a finished run was trained on the same data with the same network and conditioning."""
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=False)
+
+    return (
+        plain(run.data) == plain(cfg.data)
+        and plain(run.model) == plain(cfg.model)
+        and run.method.get("conditional", False) == cfg.method.get("conditional", False)
+    )
+
+
+def finished_checkpoint(run_dir: Path, run: DictConfig) -> Path | None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    try:
+        return last if read_checkpoint(last)["global_step"] >= run.trainer.max_steps else None
+    except Exception:  # an unreadable checkpoint is no teacher
+        return None
+
+
+def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
+    """``teacher.ckpt``, else the newest finished teacher run for this data and model, else a new one."""
+    teacher = cfg.teacher
+    if teacher.ckpt:
+        return Path(teacher.ckpt)
+    runs = sorted(Path(cfg.paths.root).glob(f"{teacher.method}/*/*/.hydra/config.yaml"), reverse=True)
+    for config_path in runs:
+        run = OmegaConf.load(config_path)
+        run_dir = config_path.parent.parent
+        if same_setting(run, cfg) and (last := finished_checkpoint(run_dir, run)):
+            console.print(f"[bold]teacher[/]: reusing {last} (a {teacher.method} run for this data and model)")
+            return last
+    teacher_cfg = teacher_config(cfg)
+    console.print(
+        f"[bold]teacher[/]: none found under {cfg.paths.root}/{teacher.method} for this data and model; training one "
+        f"first ({teacher.max_steps} steps) in {teacher_cfg.paths.output_dir}"
+    )
+    save_config(teacher_cfg)
+    fit(teacher_cfg)
+    return Path(teacher_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+def teacher_config(cfg: DictConfig) -> DictConfig:
+    """This run's config with the teacher method (conf/method/<teacher.method>.yaml) and its own run directory."""
+    teacher = cfg.teacher
+    method = OmegaConf.load(CONF_DIR / "method" / f"{teacher.method}.yaml")
+    method.pop("defaults", None)
+    for key in ("conditional", "label_dropout"):
+        method[key] = cfg.method[key]
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = Path(cfg.paths.root) / teacher.method / data_name(cfg) / stamp
+    return derived(cfg, out, method=method, max_steps=teacher.max_steps, nfe=cfg.method.stages[0])
+
+
+def derived(cfg: DictConfig, out: Path, method: DictConfig, max_steps: int, nfe: int, ema_decay: float | None = None):
+    """A copy of ``cfg`` for one fit: its own output directory, method, step count and sample-grid NFE."""
+    new = copy.deepcopy(cfg)
+    with open_dict(new):
+        new.paths.output_dir = str(out)
+        new.method = method
+        new.trainer.max_steps = max_steps
+        new.trainer.val_check_interval = min(int(cfg.trainer.val_check_interval), max_steps)
+        new.ckpt_path = None
+        if new.get("callbacks") and new.callbacks.get("sample_grid"):
+            new.callbacks.sample_grid.nfe = nfe
+        if ema_decay is not None and new.get("callbacks") and new.callbacks.get("ema"):
+            new.callbacks.ema.decay = ema_decay
+    return new
+
+
+def save_config(cfg: DictConfig) -> None:
+    """.hydra/config.yaml in the run directory, as Hydra writes it, so evaluate and later runs can read it."""
+    path = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def train_stages(cfg: DictConfig, fit: Callable, datamodule) -> dict:
+    """Teacher, then each student stage in turn; returns the last stage's metrics."""
+    stages = [int(s) for s in cfg.method.stages]
+    check_stages(stages)
+    if not (cfg.get("callbacks") or {}).get("model_checkpoint"):
+        raise ConfigError(
+            "a staged run keeps every stage's checkpoint: enable callbacks.model_checkpoint "
+            "(trainer=debug removes it; use trainer=cpu or add it back)"
+        )
+    teacher_path = find_teacher(cfg, fit)
+    teacher = load_method(teacher_path)
+    require_kac(teacher, teacher_path)
+    rows, metrics = [("teacher", stages[0], str(teacher_path), "")], {}
+    for i, (teacher_steps, steps) in enumerate(zip(stages, stages[1:]), start=1):
+        out = Path(cfg.paths.output_dir) / f"stage{i}_{steps}steps"
+        stage_method = student_config(cfg, teacher, teacher_path, teacher_steps, steps, first=i == 1)
+        stage_cfg = derived(cfg, out, stage_method, cfg.method.steps_per_stage, steps, cfg.method.ema_decay)
+        arguments = {k: v for k, v in OmegaConf.to_container(stage_method, resolve=True).items() if k != "_target_"}
+        student = KacEndpoint(net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes, **arguments)
+        student.attach_teacher(teacher)
+        console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")
+        save_config(stage_cfg)
+        metrics = fit(stage_cfg, method=student, datamodule=datamodule)
+        teacher_path = out / "checkpoints" / "last.ckpt"
+        teacher = load_method(teacher_path)
+        rows.append((f"stage {i}", steps, str(teacher_path), f"{metrics.get('val/loss', float('nan')):.4g}"))
+    table = Table(title="kac_endpoint stages")
+    for column in ("", "steps", "checkpoint", "val/loss"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row[0], str(row[1]), row[2], row[3])
+    console.print(table)
+    return metrics
+
+
+def student_config(cfg, teacher, teacher_path: Path, teacher_steps: int, steps: int, first: bool) -> DictConfig:
+    """The KacEndpoint arguments of one stage: the teacher's process, this stage's steps, the shared options."""
+    method = cfg.method
+    return OmegaConf.create({
+        "_target_": "fewstep.methods.KacEndpoint",
+        **{key: teacher.hparams[key] for key in KAC_HPARAMS},
+        "t_min": float(teacher.hparams.get("t_min", 1e-3)),
+        "conditional": method.conditional,
+        "label_dropout": method.label_dropout,
+        "optimizer": OmegaConf.to_container(method.optimizer),
+        "scheduler": OmegaConf.to_container(method.scheduler) if method.scheduler else None,
+        "student_steps": steps,
+        "teacher_steps": teacher_steps,
+        # the first teacher is a Kac-flow model integrated with any solver; later ones are students, made for Euler
+        "teacher_sampler": cfg.teacher.sampler if first else "kac_euler",
+        "teacher_ckpt": str(teacher_path),
+    })

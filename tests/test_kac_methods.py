@@ -1,0 +1,213 @@
+"""Kac samplers, velocity-space guidance, the Kac teacher and DistillKac endpoint distillation."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from fewstep.checkpoints import load_method
+from fewstep.errors import CheckpointError, ConfigError
+from fewstep.evaluate import training_config
+from fewstep.generate import generate
+from fewstep.methods import KacEndpoint, KacTeacher
+from fewstep.methods.kac_endpoint import check_stages
+from fewstep.samplers import CountingDenoiser, guided_velocity, sample_kac
+from fewstep.samplers.kac import KAC_SOLVERS, uniform_times
+from fewstep.train import train
+
+from conftest import TINY
+
+# trainer=debug drops the checkpoint callback; a staged run needs one per stage
+CHECKPOINTS = [
+    "trainer.enable_checkpointing=true", "+callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+    "+callbacks.model_checkpoint.dirpath=${paths.output_dir}/checkpoints", "+callbacks.model_checkpoint.save_last=true",
+]
+MLP = {"_target_": "fewstep.networks.MLP", "width": 16, "depth": 1}
+
+
+def kac_model(cls=KacTeacher, dim: int = 2, **kwargs) -> KacTeacher:
+    return cls(net=MLP, data_shape=[dim], **kwargs)
+
+
+# -- samplers ---------------------------------------------------------------------------------------
+
+
+def linear_flow(x, t):
+    """dx/dt = t x: x(0) = x(T) exp(-T^2 / 2) exactly."""
+    return t.view(-1, 1) * x
+
+
+@pytest.mark.parametrize("sampler, order", [("kac_euler", 1), ("kac_heun", 2), ("kac_ab2", 2)])
+def test_kac_solvers_converge_at_their_order(sampler, order):
+    x_T = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    exact = x_T * math.exp(-0.5)
+    errors = [(sample_kac(linear_flow, x_T, sampler, nfe) - exact).abs().max().item() for nfe in (16, 32, 64)]
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    # NFE doubles, so the step halves (Heun: nearly); the error shrinks by 2^order
+    assert all(abs(rate - order) < 0.3 for rate in rates), (errors, rates)
+
+
+@pytest.mark.parametrize("sampler, nfe, counted", [("kac_euler", 7, 7), ("kac_ab2", 7, 7), ("kac_heun", 7, 7), ("kac_heun", 8, 7)])
+def test_kac_solvers_never_exceed_the_nfe_budget(sampler, nfe, counted):
+    velocity = CountingDenoiser(linear_flow)
+    sample_kac(velocity, torch.ones(3, 2), sampler, nfe)
+    assert velocity.nfe == counted
+
+
+@pytest.mark.parametrize("sampler", sorted(KAC_SOLVERS))
+def test_a_time_grid_per_sample_equals_one_run_per_sample(sampler):
+    # Endpoint distillation integrates each sample over its own interval: a [steps + 1, batch] grid.
+    x = torch.randn(3, 2, dtype=torch.float64)
+    starts = torch.tensor([1.0, 0.6, 0.25], dtype=torch.float64)
+    grids = torch.stack([torch.linspace(s, s - 0.25, 5, dtype=torch.float64) for s in starts], dim=1)
+    together = KAC_SOLVERS[sampler].fn(linear_flow, x, grids)
+    for i in range(3):
+        alone = KAC_SOLVERS[sampler].fn(linear_flow, x[i : i + 1], grids[:, i])
+        torch.testing.assert_close(together[i : i + 1], alone)
+
+
+def test_uniform_times_and_unknown_samplers():
+    torch.testing.assert_close(uniform_times(4, 2.0), torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0], dtype=torch.float64))
+    with pytest.raises(ConfigError, match="sampler 'heun' cannot integrate a Kac flow: use one of kac_ab2"):
+        sample_kac(linear_flow, torch.ones(1, 2), "heun", 4)
+    with pytest.raises(ConfigError, match="nfe=0 is below the minimum"):
+        sample_kac(linear_flow, torch.ones(1, 2), "kac_euler", 0)
+
+
+def test_velocity_guidance():
+    def velocity(x, t, class_labels):
+        return x * (class_labels.view(-1, 1).to(x.dtype) + 1)
+
+    x, t, labels = torch.randn(4, 2), torch.rand(4), torch.tensor([0, 1, 2, 1])
+    null = 3
+    # w = 0 is the conditional velocity itself
+    torch.testing.assert_close(guided_velocity(velocity, 0.0, labels, null)(x, t), velocity(x, t, labels))
+    w = 1.5
+    expected = (1 + w) * velocity(x, t, labels) - w * velocity(x, t, torch.full_like(labels, null))
+    torch.testing.assert_close(guided_velocity(velocity, w, labels, null)(x, t), expected)
+    with pytest.raises(ConfigError, match="guidance scale w=-1.0 is negative: use w >= 0"):
+        guided_velocity(velocity, -1.0, labels, null)
+
+
+# -- teacher and endpoint loss ----------------------------------------------------------------------
+
+
+def test_kac_teacher_loss_and_samples_stay_in_the_cone():
+    teacher = kac_model(a=4.0, c=2.0, T=0.5)
+    x0 = torch.rand(64, 2) * 2 - 1
+    loss = teacher.loss(x0, None, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss > 0
+    samples, labels, nfe = generate(teacher, 8, "kac_ab2", 5)
+    assert samples.shape == (8, 2) and labels is None and nfe == 5
+    # x_T lies in the cone [-c g(T), c g(T)]; the same seeds give the same prior
+    prior = teacher.prior(_noise(range(8)))
+    assert prior.abs().max() <= 2.0 * 0.5 + 1e-6
+    torch.testing.assert_close(prior[3:], teacher.prior(_noise(range(3, 8))))
+
+
+def _noise(seeds):
+    from fewstep.samplers import SeededNoise
+
+    return SeededNoise(seeds)
+
+
+def test_endpoint_loss_against_its_closed_form():
+    # teacher u = lam x, student u = mu x: N Euler sub-steps of size h = D / N give x (1 - h lam)^N,
+    # the student x (1 - D mu); the loss is E |x_t|^2 ((1 - D mu) - (1 - h lam)^N)^2 over the sampled x_t.
+    teacher = kac_model(a=9.0, c=3.0)
+    student = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=4, teacher_steps=20)
+    student.attach_teacher(teacher)
+    lam, mu = 0.7, -0.4
+    object.__setattr__(teacher, "velocity", lambda x, t, y=None: lam * x)
+    object.__setattr__(student, "velocity", lambda x, t, y=None: mu * x)
+    x0 = torch.randn(256, 2)
+    loss = student.loss(x0, None, generator=torch.Generator().manual_seed(1))
+    # the same draws of t_k and x_t as the loss made
+    generator = torch.Generator().manual_seed(1)
+    k = torch.randint(0, 4, (256,), generator=generator)
+    x_t, _ = student.path.forward(x0, 1.0 - k.float() / 4, generator=generator)
+    D, h = 1 / 4, 1 / 20
+    expected = (x_t**2).mean() * ((1 - D * mu) - (1 - h * lam) ** 5) ** 2
+    torch.testing.assert_close(loss, expected)
+
+
+def test_student_starts_from_its_teacher_and_stays_out_of_the_checkpoint():
+    teacher = kac_model()
+    student = kac_model(KacEndpoint, student_steps=2, teacher_steps=4)
+    student.attach_teacher(teacher)
+    for (name, a), b in zip(student.net.state_dict().items(), teacher.net.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not any(name.startswith("teacher") for name in student.state_dict())
+
+
+def test_bad_stages_teachers_and_process_parameters():
+    with pytest.raises(ConfigError, match="3 student steps do not divide the 20 teacher steps"):
+        check_stages([100, 20, 3])
+    with pytest.raises(ConfigError, match="all >= 1"):
+        check_stages([4, 0])
+    with pytest.raises(ConfigError, match="do not divide"):
+        kac_model(KacEndpoint, student_steps=4, teacher_steps=4)
+    student = kac_model(KacEndpoint, student_steps=1, teacher_steps=2, teacher_ckpt="t.ckpt")
+    with pytest.raises(CheckpointError, match="teacher checkpoint 't.ckpt' does not match this student: its a is 4.0"):
+        student.attach_teacher(kac_model(a=4.0))
+    with pytest.raises(CheckpointError, match="its net is"):
+        student.attach_teacher(KacTeacher(net={**MLP, "width": 8}, data_shape=[2]))
+    from fewstep.methods import EDMTeacher
+
+    with pytest.raises(CheckpointError, match="holds a EDMTeacher, not a Kac model"):
+        student.attach_teacher(EDMTeacher(net=MLP, data_shape=[2]))
+    for bad in ({"a": 0.0}, {"c": -1.0}, {"T": 0.0}):
+        with pytest.raises(ConfigError, match="positive"):
+            kac_model(**bad)
+
+
+# -- the pipeline: python -m fewstep.train method=kac_endpoint ------------------------------------------
+
+
+def test_kac_endpoint_pipeline_trains_its_teacher_then_every_stage(compose_cfg, tmp_path):
+    overrides = [
+        "method=kac_endpoint", "data=digits", *TINY, f"paths.root={tmp_path}/outputs", "teacher.max_steps=3",
+        "method.stages=[8,4,2,1]", "method.steps_per_stage=2", "callbacks.sample_grid.n=4", *CHECKPOINTS,
+    ]
+    cfg = compose_cfg("train", overrides)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*val_check_interval.*")
+        train(cfg)
+    (teacher_ckpt,) = (tmp_path / "outputs" / "kac_teacher").glob("digits/*/checkpoints/last.ckpt")
+    teacher = load_method(teacher_ckpt)
+    assert isinstance(teacher, KacTeacher) and not isinstance(teacher, KacEndpoint)
+    previous = teacher_ckpt
+    for i, steps in enumerate([4, 2, 1], start=1):
+        ckpt = tmp_path / f"stage{i}_{steps}steps" / "checkpoints" / "last.ckpt"
+        student = load_method(ckpt)
+        assert isinstance(student, KacEndpoint) and student.hparams.student_steps == steps
+        assert student.hparams.teacher_ckpt == str(previous)
+        samples, _, nfe = generate(student, 4, "kac_euler", steps)
+        assert samples.shape == (4, 1, 8, 8) and nfe == steps and torch.isfinite(samples).all()
+        assert list((tmp_path / f"stage{i}_{steps}steps").rglob("samples/*.png"))
+        assert training_config(str(ckpt), None).data._target_ == "fewstep.data.Digits"
+        previous = ckpt
+
+    # a second run finds the finished teacher instead of training another
+    again = compose_cfg("train", [*overrides, "method.stages=[8,4]", f"paths.output_dir={tmp_path}/again"])
+    train(again)
+    assert len(list((tmp_path / "outputs" / "kac_teacher").glob("digits/*"))) == 1
+    student = load_method(tmp_path / "again" / "stage1_4steps" / "checkpoints" / "last.ckpt")
+    assert student.hparams.teacher_ckpt == str(teacher_ckpt)
+
+
+def test_kac_endpoint_needs_checkpoints(compose_cfg, tmp_path):
+    cfg = compose_cfg("train", ["method=kac_endpoint", "data=digits", *TINY, f"paths.root={tmp_path}"])
+    with pytest.raises(ConfigError, match="keeps every stage's checkpoint"):
+        train(cfg)
+
+
+def test_kac_endpoint_refuses_a_diffusion_teacher(compose_cfg, tmp_path):
+    edm = compose_cfg("train", ["data=digits", *TINY, "trainer.enable_checkpointing=true",
+                                "+callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                                f"+callbacks.model_checkpoint.dirpath={tmp_path}/edm", "+callbacks.model_checkpoint.save_last=true"])
+    train(edm)
+    cfg = compose_cfg("train", ["method=kac_endpoint", "data=digits", *TINY, *CHECKPOINTS, f"teacher.ckpt={tmp_path}/edm/last.ckpt"])
+    with pytest.raises(CheckpointError, match="holds a EDMTeacher, not a Kac model"):
+        train(cfg)
