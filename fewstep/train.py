@@ -17,17 +17,17 @@ from fewstep.cli import check_overrides, user_errors
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train the configured method; staged methods (``method.stages``: kac_endpoint) run a fit per stage."""
+    """Train the configured method; a distillation method (one with a ``teacher``) gets its teacher first."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     # Load the data before the Trainer starts, so a missing data set fails at once, in one line.
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if cfg.method.get("stages"):
-        from fewstep.stages import train_stages
+    if cfg.get("teacher") is not None:
+        from fewstep.distill import train_student
 
-        return train_stages(cfg, fit, datamodule)
+        return train_student(cfg, fit, datamodule)
     return fit(cfg, datamodule=datamodule)
 
 

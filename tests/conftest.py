@@ -14,7 +14,9 @@ from hydra.core.global_hydra import GlobalHydra
 
 from fewstep.cli import CONF_DIR
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the test networks are tiny, and with 2 threads on 2 shared cores a busy machine
+# makes them up to ~100x slower (OpenMP threads spinning against each other).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

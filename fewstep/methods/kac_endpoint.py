@@ -34,9 +34,9 @@ class KacEndpoint(KacTeacher):
             )
         self.teacher: KacTeacher | None = None
 
-    def attach_teacher(self, teacher: KacTeacher, init_student: bool = True) -> None:
-        """Freeze ``teacher`` as this stage's target and (by default) start the student from its weights."""
-        check_teacher(teacher, self, self.hparams.teacher_ckpt)
+    def attach_teacher(self, teacher: KacTeacher, path=None, init_student: bool = True) -> None:
+        """Freeze ``teacher`` (read from ``path``) as this stage's target; by default start the student from it."""
+        check_teacher(teacher, self, path or self.hparams.teacher_ckpt)
         teacher = teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # not registered: stays out of state_dict and the EMA
         if init_student:

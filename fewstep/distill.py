@@ -1,9 +1,11 @@
-"""Staged distillation runs: find (or train) the teacher, then one Lightning fit per student stage.
+"""Distillation runs: find (or train) the teacher, then fit the student, one fit per stage if staged.
 
-``python -m fewstep.train method=kac_endpoint`` comes here: the teacher is ``teacher.ckpt``, or
-the newest completed kac_teacher run for the same data and model under ``paths.root``, or else one
-trained first. Each stage writes a complete run directory (checkpoints, TensorBoard, sample grids)
-under ``<run>/stage<i>_<M>steps/``, and its student teaches the next stage.
+Every config with a ``teacher`` group (method=kac_endpoint, gdd, ...) comes here from
+``fewstep.train``. The teacher is ``teacher.ckpt``, or the newest finished ``teacher.method`` run
+for the same data and model under ``paths.root``, or else one trained first. A student gets it
+through ``attach_teacher``. A staged method (``method.stages``: kac_endpoint) writes a complete
+run directory (checkpoints, TensorBoard, sample grids) per stage under ``<run>/stage<i>_<M>steps/``,
+and each stage's student teaches the next.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
@@ -88,11 +91,18 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
         method[key] = cfg.method[key]
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = Path(cfg.paths.root) / teacher.method / data_name(cfg) / stamp
-    return derived(cfg, out, method=method, max_steps=teacher.max_steps, nfe=cfg.method.stages[0])
+    stages = cfg.method.get("stages")
+    # the teacher's sample grid: its own sampler (teacher.sampler), at the staged teacher's steps or teacher.nfe
+    nfe = stages[0] if stages else teacher.get("nfe", 35)
+    sampler = {"name": teacher.get("sampler", "heun")}
+    return derived(cfg, out, method=method, max_steps=teacher.max_steps, nfe=nfe, sampler=sampler)
 
 
-def derived(cfg: DictConfig, out: Path, method: DictConfig, max_steps: int, nfe: int, ema_decay: float | None = None):
-    """A copy of ``cfg`` for one fit: its own output directory, method, step count and sample-grid NFE."""
+def derived(
+    cfg: DictConfig, out: Path, method: DictConfig, max_steps: int, nfe: int, ema_decay: float | None = None,
+    sampler: dict | None = None,
+):
+    """A copy of ``cfg`` for one fit: its own output directory, method, step count and sample grid."""
     new = copy.deepcopy(cfg)
     with open_dict(new):
         new.paths.output_dir = str(out)
@@ -102,6 +112,9 @@ def derived(cfg: DictConfig, out: Path, method: DictConfig, max_steps: int, nfe:
         new.ckpt_path = None
         if new.get("callbacks") and new.callbacks.get("sample_grid"):
             new.callbacks.sample_grid.nfe = nfe
+            if sampler is not None:
+                new.sampler = sampler
+                new.callbacks.sample_grid.sampler = sampler
         if ema_decay is not None and new.get("callbacks") and new.callbacks.get("ema"):
             new.callbacks.ema.decay = ema_decay
     return new
@@ -114,17 +127,31 @@ def save_config(cfg: DictConfig) -> None:
     OmegaConf.save(cfg, path, resolve=True)
 
 
-def train_stages(cfg: DictConfig, fit: Callable, datamodule) -> dict:
-    """Teacher, then each student stage in turn; returns the last stage's metrics."""
-    stages = [int(s) for s in cfg.method.stages]
-    check_stages(stages)
-    if not (cfg.get("callbacks") or {}).get("model_checkpoint"):
-        raise ConfigError(
-            "a staged run keeps every stage's checkpoint: enable callbacks.model_checkpoint "
-            "(trainer=debug removes it; use trainer=cpu or add it back)"
-        )
+def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
+    """Find or train the teacher, then fit the student (or each stage); returns the last fit's metrics."""
+    if cfg.method.get("stages"):
+        check_stages([int(s) for s in cfg.method.stages])
+        if not (cfg.get("callbacks") or {}).get("model_checkpoint"):
+            raise ConfigError(
+                "a staged run keeps every stage's checkpoint: enable callbacks.model_checkpoint "
+                "(trainer=debug removes it; use trainer=cpu or add it back)"
+            )
     teacher_path = find_teacher(cfg, fit)
     teacher = load_method(teacher_path)
+    if cfg.method.get("stages"):
+        return train_stages(cfg, fit, datamodule, teacher, teacher_path)
+    student = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
+    student.attach_teacher(teacher, path=teacher_path)
+    grid_nfe = getattr(student, "sample_grid_nfe", None)  # e.g. a one-step generator
+    if grid_nfe is not None and (cfg.get("callbacks") or {}).get("sample_grid"):
+        cfg = copy.deepcopy(cfg)
+        cfg.callbacks.sample_grid.nfe = grid_nfe
+    return fit(cfg, method=student, datamodule=datamodule)
+
+
+def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_path: Path) -> dict:
+    """Each student stage in turn, the first taught by ``teacher``; returns the last stage's metrics."""
+    stages = [int(s) for s in cfg.method.stages]
     require_kac(teacher, teacher_path)
     rows, metrics = [("teacher", stages[0], str(teacher_path), "")], {}
     for i, (teacher_steps, steps) in enumerate(zip(stages, stages[1:]), start=1):
@@ -133,7 +160,7 @@ def train_stages(cfg: DictConfig, fit: Callable, datamodule) -> dict:
         stage_cfg = derived(cfg, out, stage_method, cfg.method.steps_per_stage, steps, cfg.method.ema_decay)
         arguments = {k: v for k, v in OmegaConf.to_container(stage_method, resolve=True).items() if k != "_target_"}
         student = KacEndpoint(net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes, **arguments)
-        student.attach_teacher(teacher)
+        student.attach_teacher(teacher, path=teacher_path)
         console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")
         save_config(stage_cfg)
         metrics = fit(stage_cfg, method=student, datamodule=datamodule)

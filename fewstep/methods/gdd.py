@@ -1,0 +1,327 @@
+"""GDD: a diffusion model is an innate one-step generator (Zheng & Yang, arXiv 2405.20750; revised as D2O).
+
+The generator is the teacher's own denoiser taken in one step from sigma_max,
+G(z) = D_theta(sigma_max z; sigma_max), z ~ N(0, I), initialised from the teacher's weights, and
+trained only by a GAN loss against real data (the "exclusive distributional loss": no teacher
+regression target). GDD-I (``freeze``) keeps most convolutions frozen at the teacher's weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.nn import functional as F
+
+from fewstep.errors import CheckpointError, ConfigError
+from fewstep.methods.base import GenerativeMethod, plain
+from fewstep.networks.discriminators import build_discriminator
+from fewstep.networks.freezing import freeze as freeze_layers
+from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
+
+LOSSES = ("nonsaturating", "hinge")
+ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
+TEACHER_HPARAMS = ("net", "data_shape", "num_classes", "conditional", "sigma_data")
+
+
+# -- preconditioning with the boundary shift -------------------------------------------------------------
+
+
+def shifted_edm_coefficients(sigma: torch.Tensor, sigma_data: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """EDM's (c_skip, c_out, c_in, c_noise) with c_skip/c_out shifted by ``eps`` so that D(x, eps) = x.
+
+    c_skip = sd^2 / ((sigma - eps)^2 + sd^2), c_out = (sigma - eps) sd / sqrt(sigma^2 + sd^2) (the consistency-
+    model boundary form); c_in = 1 / sqrt(sigma^2 + sd^2) and c_noise = ln(sigma) / 4 are EDM's. eps = 0 is EDM.
+    """
+    total = sigma**2 + sigma_data**2
+    shifted = sigma - eps
+    c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
+    c_out = shifted * sigma_data / total.sqrt()
+    return c_skip, c_out, 1 / total.sqrt(), sigma.log() / 4
+
+
+def shifted_edm_denoise(
+    net: nn.Module, x: torch.Tensor, sigma, class_labels: torch.Tensor | None, sigma_data: float, eps: float
+) -> torch.Tensor:
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with the shifted coefficients; sigma a float or [batch]."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    c_skip, c_out, c_in, c_noise = shifted_edm_coefficients(sigma, sigma_data, eps)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    f = net(c_in.view(shape) * x, c_noise, class_labels)
+    return c_skip.view(shape) * x + c_out.view(shape) * f.to(x.dtype)
+
+
+# -- GAN losses --------------------------------------------------------------------------------------------
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "nonsaturating") -> torch.Tensor:
+    """Non-saturating: softplus(D(G(z))) + softplus(-D(x)); hinge: relu(1 + D(G(z))) + relu(1 - D(x)). Batch means."""
+    if kind == "hinge":
+        return F.relu(1 + logits_fake).mean() + F.relu(1 - logits_real).mean()
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+def generator_loss(logits_fake: torch.Tensor, kind: str = "nonsaturating") -> torch.Tensor:
+    """Non-saturating: softplus(-D(G(z))); hinge: -D(G(z)). Batch means."""
+    if kind == "hinge":
+        return -logits_fake.mean()
+    return F.softplus(-logits_fake).mean()
+
+
+def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor, gamma: float) -> torch.Tensor:
+    """gamma / 2 E |grad_x D(x)|^2 on reals (``x_real`` must require grad and have produced ``logits_real``)."""
+    (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
+    return gamma / 2 * grad.square().flatten(1).sum(1).mean()
+
+
+def moment_gap(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean over coordinates of (mean_fake - mean_real)^2 + (std_fake - std_real)^2, moments over the batch."""
+    mean = (fake.mean(0) - real.mean(0)).square().mean()
+    std = (fake.std(0, correction=0) - real.std(0, correction=0)).square().mean()
+    return mean + std
+
+
+@contextlib.contextmanager
+def no_param_grads(module: nn.Module):
+    """Parameters of ``module`` that require grad stop doing so inside the block (inputs still get gradients)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def double_backward_attention():
+    """SDPA's flash / memory-efficient kernels have no double backward (R1 needs one): use the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class GDD(GenerativeMethod):
+    """One-step generator G(z) = D_theta(sigma_max z; sigma_max), trained by a GAN against real data.
+
+    - ``denoiser`` is the generator's network with EDM preconditioning whose c_skip/c_out are shifted by
+      ``eps`` (D(x, eps) = x exactly). ``sample_batch`` with ``nfe=1`` (any diffusion sampler name) returns
+      G(z) with z = the seeds' noise: exactly one network call. ``nfe > 1`` runs the named diffusion
+      sampler on ``denoiser`` from sigma_max to eps: a diagnostic only, since the GAN trains the network at
+      sigma_max alone (at initialisation it is the teacher's multi-step sampler).
+    - Training (manual optimisation): per batch one discriminator step (L_D on G(z) detached and the reals,
+      plus lazy R1 on every ``r1_interval``-th step: r1_interval * gamma/2 E|grad_x D(x)|^2, StyleGAN2's lazy
+      scaling, added to that step's L_D) then one generator step (L_G, discriminator parameters frozen for it).
+      Only the generator step advances ``trainer.global_step``: max_steps, val_check_interval and the EMA
+      count batches (the discriminator step goes through the strategy's optimizer_step uncounted).
+    - ``discriminator``: see fewstep.networks.discriminators (default: the frozen teacher's encoder).
+    - ``freeze``: GDD-I, {level: 0-3, ratio: null or [0, 1), resampling: true}; see fewstep.networks.freezing.
+    - Validation logs ``val/loss``: the pixel-moment gap between G(z) (fixed z per validation batch) and the
+      real batch, mean over pixels of (mean difference)^2 + (std difference)^2 -- independent of the
+      discriminator, so comparable across steps and runs (crude; the SamplerBenchmark callback gives the FID)
+      -- and ``val/d_real``, ``val/d_fake``, the current discriminator's mean logits.
+
+    The teacher (an EDMTeacher of the same network) is attached with ``attach_teacher`` before fitting; it
+    is not kept. The checkpoint holds the generator and the discriminator (its frozen backbone included), so
+    ``fewstep.checkpoints.load_method`` rebuilds the method without the teacher or any weights file.
+    EMAWeightAveraging averages every parameter, the discriminator's too; sampling uses only ``net``.
+    """
+
+    sample_grid_nfe = 1  # the validation sample grid shows G(z), not the multi-step diagnostic
+
+    def __init__(
+        self, *args, sigma_max: float = 80.0, eps: float = 2e-3, sigma_data: float = 0.5, loss: str = "nonsaturating",
+        r1_gamma: float = 1e-4, r1_interval: int = 16, freeze: dict | None = None, discriminator: dict | None = None,
+        optimizer_g: dict | None = None, optimizer_d: dict | None = None, teacher_ckpt: str | None = None, **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        freeze = {"level": 0, "ratio": None, **(plain(freeze) or {})}
+        discriminator = plain(discriminator) or {"kind": "teacher_encoder"}
+        optimizer_g, optimizer_d = plain(optimizer_g) or dict(ADAM), plain(optimizer_d) or dict(ADAM)
+        self.save_hyperparameters(
+            "sigma_max", "eps", "sigma_data", "loss", "r1_gamma", "r1_interval", "freeze", "discriminator",
+            "optimizer_g", "optimizer_d", "teacher_ckpt",
+        )
+        if loss not in LOSSES:
+            raise ConfigError(f"unknown GAN loss '{loss}': choose one of {', '.join(LOSSES)}")
+        if not 0 < eps < sigma_max:
+            raise ConfigError(f"need 0 < eps < sigma_max, got eps={eps}, sigma_max={sigma_max}")
+        if not r1_gamma >= 0 or int(r1_interval) != r1_interval or r1_interval < 1:
+            raise ConfigError(f"r1_gamma={r1_gamma}, r1_interval={r1_interval}: use r1_gamma >= 0 and an integer r1_interval >= 1")
+        if self.hparams.scheduler:
+            raise ConfigError("gdd steps its two optimisers itself and takes no scheduler: set method.scheduler=null")
+        unknown = sorted(set(freeze) - {"level", "ratio", "resampling"})
+        if unknown:
+            raise ConfigError(f"method.freeze takes level, ratio and resampling, not '{unknown[0]}'")
+        self.frozen_fraction = freeze_layers(self.net, **freeze)
+        self.discriminator = build_discriminator(
+            discriminator, net=self.hparams.net, data_shape=self.hparams.data_shape, num_classes=self.num_classes,
+            sigma_data=sigma_data,
+        )
+        self.automatic_optimization = False
+        self.teacher_attached = False
+
+    # -- the teacher -----------------------------------------------------------------------------------
+    def attach_teacher(self, teacher, path=None) -> None:
+        """Start the generator from ``teacher``'s weights (read from ``path``) and load the discriminator's backbone.
+
+        The teacher is not kept (neither a submodule nor in the checkpoint); frozen layers stay frozen.
+        ``path``, when given, is recorded as the ``teacher_ckpt`` hyperparameter.
+        """
+        check_teacher(teacher, self, path or self.hparams.teacher_ckpt)
+        if path is not None:
+            self.hparams.teacher_ckpt = str(path)
+        self.net.load_state_dict(teacher.net.state_dict())
+        self.discriminator.initialize(teacher.net)
+        self.teacher_attached = True
+
+    def on_fit_start(self) -> None:
+        if not self.teacher_attached and self.trainer.ckpt_path is None:
+            raise ConfigError(
+                "gdd has no teacher: call attach_teacher(teacher) before fitting (python -m fewstep.train method=gdd "
+                "teacher.ckpt=PATH to an edm_teacher checkpoint), or resume with ckpt_path=PATH"
+            )
+        rank_zero_info(
+            f"gdd: GDD-I freeze {self.hparams.freeze}: {self.frozen_fraction:.1%} of the generator's parameters frozen"
+        )
+
+    # -- the generator -----------------------------------------------------------------------------------
+    def denoiser(self, x, sigma, class_labels=None):
+        hp = self.hparams
+        return shifted_edm_denoise(self.net, x, sigma, class_labels, hp.sigma_data, hp.eps)
+
+    def one_step(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """G(z) = D_theta(sigma_max z; sigma_max)."""
+        sigma_max = float(self.hparams.sigma_max)
+        return self.denoiser(sigma_max * z, sigma_max, class_labels)
+
+    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+        """nfe=1 (any diffusion sampler name): G(z) for the seeds' z, 1 NFE. nfe>1: that sampler on ``denoiser``."""
+        check_solver(sampler, nfe, kac=False)
+        if nfe > 1:
+            options.setdefault("sigma_max", float(self.hparams.sigma_max))
+            options.setdefault("sigma_min", float(self.hparams.eps))
+            return super().sample_batch(noise, sampler, nfe, class_labels, guidance, grid, **options)
+        denoiser = self.denoiser
+        if class_labels is not None:
+            denoiser = guided_denoiser(denoiser, guidance, class_labels, self.null_label)
+        counted = CountingDenoiser(denoiser)
+        z = noise.randn(tuple(self.hparams.data_shape))
+        sigma_max = float(self.hparams.sigma_max)
+        x = counted(sigma_max * z, torch.full((z.shape[0],), sigma_max, device=z.device))
+        return x, counted.nfe
+
+    # -- training ----------------------------------------------------------------------------------------
+    def r1_due(self, step: int) -> bool:
+        """Whether the discriminator step at (0-based) ``step`` adds the lazy R1 penalty."""
+        return self.hparams.r1_gamma > 0 and step % self.hparams.r1_interval == 0
+
+    def discriminator_losses(self, x_real, fake, class_labels, apply_r1: bool) -> dict[str, torch.Tensor]:
+        """{loss (L_D [+ r1_interval * R1]), d_real, d_fake[, r1]} for one discriminator step."""
+        hp = self.hparams
+        out = {}
+        if apply_r1:
+            x_real = x_real.detach().requires_grad_(True)
+            with double_backward_attention():
+                logits_real = self.discriminator(x_real, class_labels)
+                out["r1"] = r1_penalty(logits_real, x_real, hp.r1_gamma)
+        else:
+            logits_real = self.discriminator(x_real, class_labels)
+        logits_fake = self.discriminator(fake.detach(), class_labels)
+        out["loss"] = discriminator_loss(logits_real, logits_fake, hp.loss)
+        out["loss_d"] = out["loss"].detach()
+        if apply_r1:
+            out["loss"] = out["loss"] + hp.r1_interval * out["r1"]
+        out["d_real"], out["d_fake"] = logits_real.detach().mean(), logits_fake.detach().mean()
+        return out
+
+    def check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value):
+            hp = self.hparams
+            raise ConfigError(
+                f"gdd: the {what} loss is {value.item()} at step {self.global_step}: training diverged; lower "
+                f"method.optimizer_g.lr / method.optimizer_d.lr (now {hp.optimizer_g.get('lr')} / "
+                f"{hp.optimizer_d.get('lr')}) or raise method.r1_gamma (now {hp.r1_gamma})"
+            )
+
+    def training_step(self, batch, batch_idx):
+        x_real, y = batch
+        labels = self.training_labels(y)
+        opt_g, opt_d = self.optimizers()
+        apply_r1 = self.r1_due(self.global_step)
+
+        # discriminator step (not counted in global_step)
+        with torch.no_grad():
+            fake = self.one_step(torch.randn_like(x_real), labels)
+        d = self.discriminator_losses(x_real, fake, labels, apply_r1)
+        self.check_finite(d["loss"], "discriminator")
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d["loss"])
+        self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+
+        # generator step (counted: one global step per batch)
+        fake = self.one_step(torch.randn_like(x_real), labels)
+        with no_param_grads(self.discriminator):
+            loss_g = generator_loss(self.discriminator(fake, labels), self.hparams.loss)
+        self.check_finite(loss_g, "generator")
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+
+        self.log("train/loss_g", loss_g.detach(), prog_bar=True)
+        self.log("train/loss_d", d["loss_d"], prog_bar=True)
+        self.log("train/d_real", d["d_real"])
+        self.log("train/d_fake", d["d_fake"])
+        if apply_r1:
+            self.log("train/r1", d["r1"].detach())
+        self.log("train/frozen_fraction", float(self.frozen_fraction))
+
+    def validation_step(self, batch, batch_idx):
+        x_real, y = batch
+        generator = torch.Generator(x_real.device).manual_seed(batch_idx)
+        z = torch.randn(x_real.shape, generator=generator, device=x_real.device)
+        labels = y if self.num_classes else None
+        fake = self.one_step(z, labels)
+        gap = moment_gap(fake, x_real)
+        self.log("val/loss", gap, prog_bar=True, sync_dist=True)
+        self.log("val/d_real", self.discriminator(x_real, labels).mean(), sync_dist=True)
+        self.log("val/d_fake", self.discriminator(fake, labels).mean(), sync_dist=True)
+        return gap
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        g_params = [p for p in self.net.parameters() if p.requires_grad]
+        d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
+        if not g_params:
+            raise ConfigError("gdd: every generator parameter is frozen: lower method.freeze.level / method.freeze.ratio")
+        opt_g = instantiate(hp.optimizer_g, _convert_="all")(g_params)
+        opt_d = instantiate(hp.optimizer_d, _convert_="all")(d_params)
+        return [opt_g, opt_d]
+
+    def loss(self, x0, class_labels, generator=None):
+        raise NotImplementedError("gdd trains by a GAN in training_step; it has no single regression loss")
+
+
+def check_teacher(teacher, student: GDD, path) -> None:
+    """One line naming why ``teacher`` (from ``path``) cannot start ``student``: another method or architecture."""
+    where = f"teacher checkpoint '{path}'" if path else "the teacher"
+    # By class name: a method never imports another method.
+    if not any(cls.__name__ == "EDMTeacher" for cls in type(teacher).__mro__):
+        raise CheckpointError(
+            f"{where} holds a {type(teacher).__name__}, not an EDM teacher: gdd starts from a method=edm_teacher run"
+        )
+    for key in TEACHER_HPARAMS:
+        ours, theirs = student.hparams.get(key), teacher.hparams.get(key)
+        if key == "sigma_data":
+            ours, theirs = float(ours), float(theirs)
+        if ours != theirs:
+            raise CheckpointError(
+                f"{where} does not match this generator: its {key} is {theirs}, the generator's is {ours}; "
+                "use the teacher's model/data settings or another teacher"
+            )
+
+
+__all__ = ["GDD", "check_teacher", "discriminator_loss", "generator_loss", "moment_gap", "r1_penalty", "shifted_edm_denoise"]
