@@ -64,14 +64,14 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
     """``teacher.ckpt``, else the newest finished teacher run for this data and model, else a new one."""
     teacher = cfg.teacher
     if teacher.ckpt:
-        return Path(teacher.ckpt)
+        return Path(teacher.ckpt).resolve()
     runs = sorted(Path(cfg.paths.root).glob(f"{teacher.method}/*/*/.hydra/config.yaml"), reverse=True)
     for config_path in runs:
         run = OmegaConf.load(config_path)
         run_dir = config_path.parent.parent
         if same_setting(run, cfg) and (last := finished_checkpoint(run_dir, run)):
             console.print(f"[bold]teacher[/]: reusing {last} (a {teacher.method} run for this data and model)")
-            return last
+            return last.resolve()
     teacher_cfg = teacher_config(cfg)
     console.print(
         f"[bold]teacher[/]: none found under {cfg.paths.root}/{teacher.method} for this data and model; training one "
@@ -79,7 +79,7 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
     )
     save_config(teacher_cfg)
     fit(teacher_cfg)
-    return Path(teacher_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    return (Path(teacher_cfg.paths.output_dir) / "checkpoints" / "last.ckpt").resolve()
 
 
 def teacher_config(cfg: DictConfig) -> DictConfig:
