@@ -70,8 +70,9 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
         run = OmegaConf.load(config_path)
         run_dir = config_path.parent.parent
         if same_setting(run, cfg) and (last := finished_checkpoint(run_dir, run)):
+            last = last.resolve()
             console.print(f"[bold]teacher[/]: reusing {last} (a {teacher.method} run for this data and model)")
-            return last.resolve()
+            return last
     teacher_cfg = teacher_config(cfg)
     console.print(
         f"[bold]teacher[/]: none found under {cfg.paths.root}/{teacher.method} for this data and model; training one "

@@ -61,9 +61,11 @@ def figure(metric: str, curves: dict[str, dict[int, float]]):
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(figsize=(6, 4))
-    for name, curve in sorted(curves.items()):
+    for i, (name, curve) in enumerate(sorted(curves.items())):
         nfes = sorted(curve)
-        axes.plot(nfes, [curve[k] for k in nfes], marker="o", label=name)
+        # past the colour cycle's 10 colours, change the line style so that no two curves look alike
+        style = {"linestyle": ("-", "--", ":", "-.")[i // 10 % 4], "marker": "os^D"[i // 10 % 4]}
+        axes.plot(nfes, [curve[k] for k in nfes], label=name, **style)
     axes.set(xscale="log", yscale="log", xlabel="NFE (counted)", ylabel=metric, title=f"{metric} against NFE")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
