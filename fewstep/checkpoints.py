@@ -35,15 +35,23 @@ def method_class(checkpoint: dict) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+ARCHITECTURE = ("net", "data_shape", "num_classes", "conditional")  # what a network's weights depend on
+
+
+def first_difference(ours, theirs, keys) -> str | None:
+    """The first of ``keys`` whose value differs between two hyperparameter mappings, or None."""
+    return next((key for key in keys if ours.get(key) != theirs.get(key)), None)
+
+
 def describe_mismatch(checkpoint: dict, method) -> str | None:
     """Why ``checkpoint`` cannot be loaded into ``method``, or None if it fits."""
     stored_class = checkpoint["fewstep"]["method_class"]
     if not isinstance(method, method_class(checkpoint)):
         return f"it holds a {stored_class.rpartition('.')[2]}, this run builds a {type(method).__name__}"
     stored, current = checkpoint["hyper_parameters"], method.hparams
-    for key in ("net", "data_shape", "num_classes", "conditional"):
-        if stored.get(key) != current.get(key):
-            return f"its {key} is {stored.get(key)}, this run's is {current.get(key)}"
+    key = first_difference(stored, current, ARCHITECTURE)
+    if key:
+        return f"its {key} is {stored.get(key)}, this run's is {current.get(key)}"
     ours = method.state_dict()
     for name, value in checkpoint["state_dict"].items():
         if name not in ours or ours[name].shape != value.shape:

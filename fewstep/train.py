@@ -20,10 +20,7 @@ def train(cfg: DictConfig) -> dict:
     """Train the configured method; a distillation method (one with a ``teacher``) gets its teacher first."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    # Load the data before the Trainer starts, so a missing data set fails at once, in one line.
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = load_data(cfg)
     if cfg.get("teacher") is not None:
         from fewstep.distill import train_student
 
@@ -31,14 +28,20 @@ def train(cfg: DictConfig) -> dict:
     return fit(cfg, datamodule=datamodule)
 
 
+def load_data(cfg: DictConfig):
+    """The datamodule, loaded before the Trainer starts, so a missing data set fails at once, in one line."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
 def fit(cfg: DictConfig, method: L.LightningModule | None = None, datamodule=None) -> dict:
     """Instantiate what ``cfg`` names (the method too, unless given); fit; report where things are."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     if datamodule is None:
-        datamodule = instantiate(cfg.data)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
+        datamodule = load_data(cfg)
     if method is None:
         method = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
     if cfg.get("ckpt_path"):

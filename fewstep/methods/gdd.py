@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn import functional as F
 
+from fewstep.checkpoints import ARCHITECTURE, first_difference
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import GenerativeMethod, plain
 from fewstep.networks.discriminators import build_discriminator
@@ -24,7 +25,7 @@ from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
 
 LOSSES = ("nonsaturating", "hinge")
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
-TEACHER_HPARAMS = ("net", "data_shape", "num_classes", "conditional", "sigma_data")
+TEACHER_HPARAMS = (*ARCHITECTURE, "sigma_data")
 
 
 # -- preconditioning with the boundary shift -------------------------------------------------------------
@@ -313,12 +314,10 @@ def check_teacher(teacher, student: GDD, path) -> None:
         raise CheckpointError(
             f"{where} holds a {type(teacher).__name__}, not an EDM teacher: gdd starts from a method=edm_teacher run"
         )
-    for key in TEACHER_HPARAMS:
+    key = first_difference(student.hparams, teacher.hparams, TEACHER_HPARAMS)
+    if key:
         ours, theirs = student.hparams.get(key), teacher.hparams.get(key)
-        if key == "sigma_data":
-            ours, theirs = float(ours), float(theirs)
-        if ours != theirs:
-            raise CheckpointError(
+        raise CheckpointError(
                 f"{where} does not match this generator: its {key} is {theirs}, the generator's is {ours}; "
                 "use the teacher's model/data settings or another teacher"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fewstep.checkpoints import ARCHITECTURE, first_difference
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.kac_teacher import KAC_HPARAMS, KacTeacher
 from fewstep.samplers.kac import KAC_SOLVERS
@@ -97,9 +98,9 @@ def check_teacher(teacher, student: KacTeacher, path) -> None:
     """One line naming why ``teacher`` (from ``path``) cannot teach ``student``: another process or architecture."""
     require_kac(teacher, path)
     where = f"teacher checkpoint '{path}'" if path else "the teacher"
-    for key in (*KAC_HPARAMS, "net", "data_shape", "num_classes", "conditional"):
-        if teacher.hparams.get(key) != student.hparams.get(key):
-            raise CheckpointError(
+    key = first_difference(teacher.hparams, student.hparams, (*KAC_HPARAMS, *ARCHITECTURE))
+    if key:
+        raise CheckpointError(
                 f"{where} does not match this student: its {key} is {teacher.hparams.get(key)}, the student's is "
                 f"{student.hparams.get(key)}; use the teacher's model/data settings or another teacher"
             )

@@ -10,7 +10,7 @@ import torch
 from fewstep.errors import ConfigError
 from fewstep.samplers.grids import GRIDS, karras_sigmas
 from fewstep.samplers.guidance import guided_denoiser, guided_velocity
-from fewstep.samplers.kac import KAC_SOLVERS, check_kac_solver, sample_kac
+from fewstep.samplers.kac import KAC_SOLVERS, check_kac_solver, check_min_nfe, sample_kac
 from fewstep.samplers.noise import BrownianPath, SeededNoise
 from fewstep.samplers.solvers import (
     sample_ddim,
@@ -80,10 +80,7 @@ def check_solver(sampler: str, nfe: int, kac: bool | None = None):
     if sampler not in SOLVERS:
         choices = sorted(SOLVERS) + ([] if kac is False else sorted(KAC_SOLVERS))
         raise ConfigError(f"unknown sampler '{sampler}': choose one of {', '.join(choices)}")
-    solver = SOLVERS[sampler]
-    if nfe < solver.min_nfe:
-        raise ConfigError(f"nfe={nfe} is below the minimum of sampler '{sampler}': use nfe>={solver.min_nfe}")
-    return solver
+    return check_min_nfe(sampler, SOLVERS[sampler], nfe)
 
 
 def sample(

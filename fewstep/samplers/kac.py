@@ -104,7 +104,11 @@ def check_kac_solver(sampler: str, nfe: int) -> KacSolver:
         raise ConfigError(
             f"sampler '{sampler}' cannot integrate a Kac flow: use one of {', '.join(sorted(KAC_SOLVERS))}"
         )
-    solver = KAC_SOLVERS[sampler]
+    return check_min_nfe(sampler, KAC_SOLVERS[sampler], nfe)
+
+
+def check_min_nfe(sampler: str, solver, nfe: int):
+    """``solver`` (a Solver or KacSolver), or a one-line ConfigError if ``nfe`` is below its minimum."""
     if nfe < solver.min_nfe:
         raise ConfigError(f"nfe={nfe} is below the minimum of sampler '{sampler}': use nfe>={solver.min_nfe}")
     return solver
