@@ -11,11 +11,12 @@ and each stage's student teaches the next.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
@@ -23,8 +24,13 @@ from rich.table import Table
 from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.cli import CONF_DIR
 from fewstep.errors import ConfigError
+from fewstep.data.rollout import SOURCES, RolloutStates, check_weights
 from fewstep.methods.kac_endpoint import KacEndpoint, check_stages, require_kac
 from fewstep.methods.kac_teacher import KAC_HPARAMS
+from fewstep.methods.progressive import Progressive, halving_stages
+
+DDIL_BASES = ("progressive", "consistency", "dmd2")
+PIPELINE_KEYS = ("stages", "start_steps", "end_steps", "steps_per_stage", "steps_per_round", "ema_decay")
 
 console = Console()
 
@@ -128,53 +134,113 @@ def save_config(cfg: DictConfig) -> None:
     OmegaConf.save(cfg, path, resolve=True)
 
 
+def resolve_ddil(cfg: DictConfig) -> DictConfig:
+    """method=ddil: the base method's options (``method.<ddil.base>``) with the ``ddil`` block, as one method."""
+    if cfg.get("ddil") is None:
+        return cfg
+    base = cfg.ddil.get("base")
+    if base not in DDIL_BASES or base not in cfg.method:
+        raise ConfigError(f"unknown DDIL base method '{base}': set ddil.base to one of {', '.join(DDIL_BASES)}")
+    # bad weights or buffer settings fail now, before any teacher is trained
+    check_weights([cfg.ddil.get(f"b_{source}", 0.0) for source in SOURCES])
+    RolloutStates(None, **OmegaConf.to_container(cfg.ddil.get("buffer") or {}, resolve=True))
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        method = cfg.method[base]
+        method.ddil = cfg.ddil
+        cfg.method = method
+        sampler = {"name": "euler" if base == "progressive" else "consistency"}
+        cfg.sampler = sampler
+        if cfg.get("callbacks") and cfg.callbacks.get("sample_grid"):
+            cfg.callbacks.sample_grid.sampler = sampler
+    return cfg
+
+
+def staged(cfg: DictConfig) -> list[int] | None:
+    """The step counts of a staged method, teacher first (kac_endpoint's stages, progressive's halving rounds)."""
+    method = cfg.method
+    if method.get("stages"):
+        stages = [int(s) for s in method.stages]
+        check_stages(stages)
+        return stages
+    if method.get("start_steps") is not None:
+        return halving_stages(method.start_steps, method.end_steps)
+    return None
+
+
+def with_rollouts(cfg: DictConfig, datamodule):
+    """The data, wrapped with DDIL's rollout buffers when the method has a ``ddil`` block."""
+    ddil = cfg.method.get("ddil")
+    if ddil is None:
+        return datamodule
+    buffer = OmegaConf.to_container(ddil.get("buffer") or {}, resolve=True)
+    rank = int(os.environ.get("RANK", 0))  # each rank its own buffers and draws
+    data = datamodule.data if isinstance(datamodule, RolloutStates) else datamodule
+    return RolloutStates(data, **buffer, seed=int(cfg.get("seed") or 0) + rank)
+
+
 def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
     """Find or train the teacher, then fit the student (or each stage); returns the last fit's metrics."""
-    if cfg.method.get("stages"):
-        check_stages([int(s) for s in cfg.method.stages])
-        if not (cfg.get("callbacks") or {}).get("model_checkpoint"):
-            raise ConfigError(
-                "a staged run keeps every stage's checkpoint: enable callbacks.model_checkpoint "
-                "(trainer=debug removes it; use trainer=cpu or add it back)"
-            )
+    cfg = resolve_ddil(cfg)
+    stages = staged(cfg)
+    if stages and not (cfg.get("callbacks") or {}).get("model_checkpoint"):
+        raise ConfigError(
+            "a staged run keeps every stage's checkpoint: enable callbacks.model_checkpoint "
+            "(trainer=debug removes it; use trainer=cpu or add it back)"
+        )
     teacher_path = find_teacher(cfg, fit)
     teacher = load_method(teacher_path)
-    if cfg.method.get("stages"):
-        return train_stages(cfg, fit, datamodule, teacher, teacher_path)
+    if stages:
+        return train_stages(cfg, fit, datamodule, teacher, teacher_path, stages)
     student = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
     student.attach_teacher(teacher, path=teacher_path)
     grid_nfe = getattr(student, "sample_grid_nfe", None)  # e.g. a one-step generator
     if grid_nfe is not None and (cfg.get("callbacks") or {}).get("sample_grid"):
         cfg = copy.deepcopy(cfg)
         cfg.callbacks.sample_grid.nfe = grid_nfe
-    return fit(cfg, method=student, datamodule=datamodule)
+    return fit(cfg, method=student, datamodule=with_rollouts(cfg, datamodule))
 
 
-def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_path: Path) -> dict:
+def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_path: Path, stages: list[int]) -> dict:
     """Each student stage in turn, the first taught by ``teacher``; returns the last stage's metrics."""
-    stages = [int(s) for s in cfg.method.stages]
-    require_kac(teacher, teacher_path)
+    method = cfg.method
+    progressive = get_class(method._target_) is Progressive
+    if not progressive:
+        require_kac(teacher, teacher_path)
+    steps_per_stage = method.steps_per_round if progressive else method.steps_per_stage
     rows, metrics = [("teacher", stages[0], str(teacher_path), "")], {}
     for i, (teacher_steps, steps) in enumerate(zip(stages, stages[1:]), start=1):
         out = Path(cfg.paths.output_dir) / f"stage{i}_{steps}steps"
-        stage_method = student_config(cfg, teacher, teacher_path, teacher_steps, steps, first=i == 1)
-        stage_cfg = derived(cfg, out, stage_method, cfg.method.steps_per_stage, steps, cfg.method.ema_decay)
-        arguments = {k: v for k, v in OmegaConf.to_container(stage_method, resolve=True).items() if k != "_target_"}
-        student = KacEndpoint(net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes, **arguments)
+        if progressive:
+            stage_method = progressive_config(cfg, teacher_path, steps)
+        else:
+            stage_method = student_config(cfg, teacher, teacher_path, teacher_steps, steps, first=i == 1)
+        stage_cfg = derived(cfg, out, stage_method, steps_per_stage, steps, method.get("ema_decay"))
+        arguments = {k: v for k, v in OmegaConf.to_container(stage_method, resolve=True).items() if k not in ("_target_", "_recursive_")}
+        cls = Progressive if progressive else KacEndpoint
+        student = cls(net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes, **arguments)
         student.attach_teacher(teacher, path=teacher_path)
         console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")
         save_config(stage_cfg)
-        metrics = fit(stage_cfg, method=student, datamodule=datamodule)
+        metrics = fit(stage_cfg, method=student, datamodule=with_rollouts(stage_cfg, datamodule))
         teacher_path = out / "checkpoints" / "last.ckpt"
         teacher = load_method(teacher_path)
         rows.append((f"stage {i}", steps, str(teacher_path), f"{metrics.get('val/loss', float('nan')):.4g}"))
-    table = Table(title="kac_endpoint stages")
+    table = Table(title=f"{type(teacher).__name__} stages")
     for column in ("", "steps", "checkpoint", "val/loss"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row[0], str(row[1]), row[2], row[3])
     console.print(table)
     return metrics
+
+
+def progressive_config(cfg: DictConfig, teacher_path: Path, steps: int) -> DictConfig:
+    """The Progressive arguments of one round: the method's options, this round's steps, the teacher's path."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    for key in PIPELINE_KEYS:
+        method.pop(key, None)
+    return OmegaConf.create({**method, "student_steps": steps, "teacher_ckpt": str(teacher_path)})
 
 
 def student_config(cfg, teacher, teacher_path: Path, teacher_steps: int, steps: int, first: bool) -> DictConfig:

@@ -32,18 +32,30 @@ def test_data_configs_instantiate(compose_cfg, choice, tmp_path):
 @pytest.mark.parametrize("model", group_choices("model"))
 @pytest.mark.parametrize("method", group_choices("method"))
 def test_method_and_model_configs_instantiate(compose_cfg, method, model):
-    data = "gmm" if model == "mlp" else "digits"
-    cfg = compose_cfg("train", [f"method={method}", f"model={model}", f"data={data}", "method.conditional=true"])
-    datamodule = instantiate(cfg.data)
-    method = cfg.method
-    if method.get("stages"):  # a staged pipeline (kac_endpoint): build its first stage's student
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        method = OmegaConf.masked_copy(method, [k for k in method if k not in ("stages", "steps_per_stage", "ema_decay")])
-        method.teacher_steps, method.student_steps = cfg.method.stages[:2]
-    built = instantiate(method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
-    assert built.num_classes == datamodule.num_classes
-    assert sum(p.numel() for p in built.parameters()) > 0
+    from fewstep.distill import progressive_config, resolve_ddil
+
+    data = "gmm" if model == "mlp" else "digits"
+    if method == "ddil":  # each base it wraps, with the ddil block
+        bases = ("progressive", "consistency", "dmd2")
+        overrides = [f"method.{base}.conditional=true" for base in bases]
+        configs = [resolve_ddil(compose_cfg("train", [f"method={method}", f"model={model}", f"data={data}", f"ddil.base={base}",
+                                                      *overrides])) for base in bases]
+    else:
+        configs = [compose_cfg("train", [f"method={method}", f"model={model}", f"data={data}", "method.conditional=true"])]
+    for cfg in configs:
+        datamodule = instantiate(cfg.data)
+        method_cfg = cfg.method
+        if method_cfg.get("stages"):  # a staged pipeline (kac_endpoint): build its first stage's student
+            method_cfg = OmegaConf.masked_copy(method_cfg, [k for k in method_cfg if k not in ("stages", "steps_per_stage", "ema_decay")])
+            method_cfg.teacher_steps, method_cfg.student_steps = cfg.method.stages[:2]
+        if method_cfg.get("start_steps"):  # progressive rounds: the first round's student
+            method_cfg = progressive_config(cfg, "teacher.ckpt", method_cfg.start_steps // 2)
+        built = instantiate(method_cfg, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
+        assert built.num_classes == datamodule.num_classes
+        assert sum(p.numel() for p in built.parameters()) > 0
+        assert (built.hparams.get("ddil") is not None) == (method == "ddil")
 
 
 @pytest.mark.parametrize("trainer", group_choices("trainer"))

@@ -109,8 +109,8 @@ def main() -> None:
         rates["bare"].append(bare_loop(cfg, args.steps, args.warmup))
         rates["lightning"].append(lightning_loop(cfg, args.steps, args.warmup))
     bare, lit = statistics.median(rates["bare"]), statistics.median(rates["lightning"])
-    print(f"| setting | bare PyTorch steps/s | fewstep Lightning steps/s | overhead |")
-    print(f"|---|---|---|---|")
+    print("| setting | bare PyTorch steps/s | fewstep Lightning steps/s | overhead |")
+    print("|---|---|---|---|")
     print(f"| {args.method}, {args.model}, {args.data}, batch {args.batch_size}, {torch.get_num_threads()} threads "
           f"| {bare:.3f} | {lit:.3f} | {100 * (bare / lit - 1):+.1f}% |")
     print("all runs (steps/s):", {k: [round(v, 3) for v in vs] for k, vs in rates.items()})

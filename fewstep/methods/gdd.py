@@ -21,38 +21,12 @@ from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import GenerativeMethod, plain
 from fewstep.networks.discriminators import build_discriminator
 from fewstep.networks.freezing import freeze as freeze_layers
+from fewstep.networks.preconditioning import shifted_edm_denoise
 from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
 
 LOSSES = ("nonsaturating", "hinge")
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
 TEACHER_HPARAMS = (*ARCHITECTURE, "sigma_data")
-
-
-# -- preconditioning with the boundary shift -------------------------------------------------------------
-
-
-def shifted_edm_coefficients(sigma: torch.Tensor, sigma_data: float, eps: float) -> tuple[torch.Tensor, ...]:
-    """EDM's (c_skip, c_out, c_in, c_noise) with c_skip/c_out shifted by ``eps`` so that D(x, eps) = x.
-
-    c_skip = sd^2 / ((sigma - eps)^2 + sd^2), c_out = (sigma - eps) sd / sqrt(sigma^2 + sd^2) (the consistency-
-    model boundary form); c_in = 1 / sqrt(sigma^2 + sd^2) and c_noise = ln(sigma) / 4 are EDM's. eps = 0 is EDM.
-    """
-    total = sigma**2 + sigma_data**2
-    shifted = sigma - eps
-    c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
-    c_out = shifted * sigma_data / total.sqrt()
-    return c_skip, c_out, 1 / total.sqrt(), sigma.log() / 4
-
-
-def shifted_edm_denoise(
-    net: nn.Module, x: torch.Tensor, sigma, class_labels: torch.Tensor | None, sigma_data: float, eps: float
-) -> torch.Tensor:
-    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with the shifted coefficients; sigma a float or [batch]."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
-    c_skip, c_out, c_in, c_noise = shifted_edm_coefficients(sigma, sigma_data, eps)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    f = net(c_in.view(shape) * x, c_noise, class_labels)
-    return c_skip.view(shape) * x + c_out.view(shape) * f.to(x.dtype)
 
 
 # -- GAN losses --------------------------------------------------------------------------------------------
@@ -323,4 +297,4 @@ def check_teacher(teacher, student: GDD, path) -> None:
             )
 
 
-__all__ = ["GDD", "check_teacher", "discriminator_loss", "generator_loss", "moment_gap", "r1_penalty", "shifted_edm_denoise"]
+__all__ = ["GDD", "check_teacher", "discriminator_loss", "generator_loss", "moment_gap", "r1_penalty"]

@@ -139,23 +139,28 @@ class TeacherEncoderDiscriminator(_FrozenBackbone):
         if self.add_noise:
             x = x + self.sigma * torch.randn_like(x)
         x = c_in.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) * x
-        net = self.backbone
-        emb = net.embed(c_noise, class_labels)
-        if isinstance(net, MLP):
-            h, features = net.fc_in(x), []
-            for block in net.blocks:
-                h = block(h, emb)
-                features.append(h)
-            return features
-        h, features = net.conv_in(x), []
-        for i, level in enumerate(net.down):
-            h, _ = level(h, emb)
+        return encoder_features(self.backbone, x, c_noise, class_labels)
+
+
+def encoder_features(net: nn.Module, x: torch.Tensor, c_noise: torch.Tensor, class_labels=None) -> list[torch.Tensor]:
+    """The encoder features of a UNet (each down level's output, then the middle) or an MLP (each block's)
+    on the network's own (already c_in-scaled) input ``x``; the last one is the bottleneck."""
+    emb = net.embed(c_noise, class_labels)
+    if isinstance(net, MLP):
+        h, features = net.fc_in(x), []
+        for block in net.blocks:
+            h = block(h, emb)
             features.append(h)
-            if i < len(net.downsample):
-                h = net.downsample[i](h)
-        h = net.mid_attn(net.mid[0](h, emb))
-        features.append(net.mid[1](h, emb))
         return features
+    h, features = net.conv_in(x), []
+    for i, level in enumerate(net.down):
+        h, _ = level(h, emb)
+        features.append(h)
+        if i < len(net.downsample):
+            h = net.downsample[i](h)
+    h = net.mid_attn(net.mid[0](h, emb))
+    features.append(net.mid[1](h, emb))
+    return features
 
 
 class TimmDiscriminator(_FrozenBackbone):

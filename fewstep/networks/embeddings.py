@@ -35,9 +35,23 @@ class ConditionEmbedding(nn.Module):
             nn.Linear(num_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
         )
         self.label = nn.Embedding(num_classes + 1, emb_channels) if num_classes > 0 else None
+        self.guidance = None
 
-    def forward(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def enable_guidance(self, scale: float = 1.0) -> None:
+        """Add a guidance-scale embedding (LCM's w-conditioning), zero at initialisation so the network is unchanged."""
+        num_channels, emb_channels = self.mlp[0].in_features, self.mlp[-1].out_features
+        self.guidance = nn.Sequential(FourierEmbedding(num_channels, scale=scale), nn.Linear(num_channels, emb_channels))
+        nn.init.zeros_(self.guidance[1].weight)
+        nn.init.zeros_(self.guidance[1].bias)
+
+    def forward(
+        self, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.mlp(self.noise(c_noise))
+        if guidance is not None:
+            if self.guidance is None:
+                raise ValueError("this network has no guidance embedding: call net.embed.enable_guidance() first")
+            emb = emb + self.guidance(guidance.to(c_noise.device).float().expand(c_noise.shape[0]))
         if self.label is not None:
             if class_labels is None:
                 class_labels = torch.full_like(c_noise, self.num_classes, dtype=torch.long)

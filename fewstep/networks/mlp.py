@@ -50,8 +50,10 @@ class MLP(nn.Module):
         nn.init.zeros_(self.fc_out.weight)
         nn.init.zeros_(self.fc_out.bias)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(c_noise, class_labels)
+    def forward(
+        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        emb = self.embed(c_noise, class_labels, guidance)
         h = self.fc_in(x)
         for block in self.blocks:
             h = block(h, emb)

@@ -32,6 +32,33 @@ def edm_denoise(
     return c_skip.view(shape) * x + c_out.view(shape) * f.to(x.dtype)
 
 
+def shifted_edm_coefficients(sigma: torch.Tensor, sigma_data: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """EDM's (c_skip, c_out, c_in, c_noise) with c_skip/c_out shifted by ``eps`` so that D(x, eps) = x.
+
+    c_skip = sd^2 / ((sigma - eps)^2 + sd^2), c_out = (sigma - eps) sd / sqrt(sigma^2 + sd^2) (the consistency-
+    model boundary form); c_in = 1 / sqrt(sigma^2 + sd^2) and c_noise = ln(sigma) / 4 are EDM's. eps = 0 is EDM.
+    """
+    total = sigma**2 + sigma_data**2
+    shifted = sigma - eps
+    c_skip = sigma_data**2 / (shifted**2 + sigma_data**2)
+    c_out = shifted * sigma_data / total.sqrt()
+    return c_skip, c_out, 1 / total.sqrt(), sigma.log() / 4
+
+
+def shifted_edm_denoise(
+    net: nn.Module, x: torch.Tensor, sigma, class_labels: torch.Tensor | None, sigma_data: float, eps: float, **net_kwargs
+) -> torch.Tensor:
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with the shifted coefficients; sigma a float or [batch].
+
+    ``net_kwargs`` (e.g. ``guidance=w``) go to the network.
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    c_skip, c_out, c_in, c_noise = shifted_edm_coefficients(sigma, sigma_data, eps)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    f = net(c_in.view(shape) * x, c_noise, class_labels, **net_kwargs)
+    return c_skip.view(shape) * x + c_out.view(shape) * f.to(x.dtype)
+
+
 class EDMPrecond(nn.Module):
     """Wraps a raw network ``net(x, c_noise, class_labels)`` into a denoiser ``D(x, sigma, class_labels)``."""
 

@@ -148,8 +148,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(c_noise, class_labels)
+    def forward(
+        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        emb = self.embed(c_noise, class_labels, guidance)
         h = self.conv_in(x)
         skips = [h]
         for i, level in enumerate(self.down):

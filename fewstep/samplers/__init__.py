@@ -13,6 +13,7 @@ from fewstep.samplers.guidance import guided_denoiser, guided_velocity
 from fewstep.samplers.kac import KAC_SOLVERS, check_kac_solver, check_min_nfe, sample_kac
 from fewstep.samplers.noise import BrownianPath, SeededNoise
 from fewstep.samplers.solvers import (
+    sample_consistency,
     sample_ddim,
     sample_dpmpp_2m,
     sample_edm_sde,
@@ -47,6 +48,8 @@ SOLVERS: dict[str, Solver] = {
     "seeds1": Solver(sample_seeds1, lambda nfe: nfe, stochastic=True),
     "seeds2": Solver(sample_seeds2, lambda nfe: (nfe - 1) // 2 + 1, stochastic=True),
     "seeds3": Solver(sample_seeds3, lambda nfe: (nfe - 1) // 3 + 1, stochastic=True),
+    # multistep consistency sampling: x0 = f(x, sigma_i), renoised to sigma_{i+1} (consistency models, DMD2)
+    "consistency": Solver(sample_consistency, lambda nfe: nfe, stochastic=True),
     "lazy_ode": Solver(sample_lazy_ode, lambda nfe: nfe),
     "lazy_sde": Solver(sample_lazy_sde, lambda nfe: nfe, stochastic=True),
 }
@@ -107,8 +110,8 @@ def sample(
     if grid not in GRIDS:
         raise ConfigError(f"unknown time grid '{grid}': choose one of {', '.join(sorted(GRIDS))}")
     steps = solver.steps_for_nfe(nfe)
-    if grid == "karras":
-        sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
+    if grid in ("karras", "nested"):
+        sigmas = GRIDS[grid](steps, sigma_min, sigma_max, rho)
     else:
         sigmas = GRIDS[grid](steps, sigma_min, sigma_max)
     sigmas = sigmas.to(noise.device)

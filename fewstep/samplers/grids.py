@@ -30,4 +30,16 @@ def uniform_t_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) 
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-GRIDS = {"karras": karras_sigmas, "log_snr": log_snr_sigmas, "uniform_t": uniform_t_sigmas}
+def nested_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """Karras's warp at u = k/n, k = 0..n-1, then 0: the n-step grid lies inside the 2n-step one (distillation grids).
+
+    The level u = 1 (sigma_min) is replaced by the final 0, so the last step lands on the data prediction.
+    """
+    ramp = torch.arange(n, dtype=torch.float64) / n
+    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+    sigmas[0] = sigma_max
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+GRIDS = {"karras": karras_sigmas, "nested": nested_sigmas, "log_snr": log_snr_sigmas, "uniform_t": uniform_t_sigmas}

@@ -120,6 +120,17 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise
 
 
 @torch.no_grad()
+def sample_consistency(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): x0 = f(x, sigma_i), then x = x0 + sigma_{i+1} z."""
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, _sigma(x, sigmas[i]))
+        x = denoised if sigmas[i + 1] == 0 else denoised + sigmas[i + 1] * _randn_like(x, noise)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
+    return x
+
+
+@torch.no_grad()
 def sample_euler_maruyama(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise=None, callback=None) -> torch.Tensor:
     """Euler-Maruyama on the reverse-time SDE dx = -2 sigma score dsigma + sqrt(2 sigma) dW (Song et al. 2021, sigma(t) = t)."""
     for i in range(len(sigmas) - 1):

@@ -1,0 +1,225 @@
+"""DMD2: improved distribution matching distillation (Yin et al. 2024, arXiv 2405.14867)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from hydra.utils import instantiate
+from torch.nn import functional as F
+
+from fewstep.errors import ConfigError
+from fewstep.methods.base import plain
+from fewstep.methods.student import DistilledStudent
+from fewstep.networks.discriminators import Head, encoder_features
+from fewstep.networks.preconditioning import edm_coefficients, edm_denoise
+from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
+
+ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 5e-5, "betas": [0.0, 0.99]}
+
+
+def distribution_matching_grad(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """DMD's gradient ((x - D_real) - (x - D_fake)) / mean|x - D_real| = (D_fake - D_real) / mean|x0 - D_real|.
+
+    ``x0`` is the generator's output, ``real``/``fake`` the two denoisers' predictions at its noised version;
+    the normaliser is per sample, over all its coordinates.
+    """
+    normaliser = (x0 - real).abs().flatten(1).mean(1).clamp(min=1e-8).view((-1,) + (1,) * (x0.ndim - 1))
+    return (fake - real) / normaliser
+
+
+def distribution_matching_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """L_DM = 0.5 |x - sg(x - grad)|^2 (mean), whose gradient in x is ``grad``."""
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+
+class DMD2(DistilledStudent):
+    """A 1- or K-step generator G(x_k, sigma_k) (EDM preconditioning, started from the teacher) trained by
+    distribution matching against the frozen teacher (the real score, guided when conditional) and a fake-score
+    critic trained by denoising on the generator's outputs, ``critic_steps`` critic updates per generator step;
+    an optional GAN head on the critic's bottleneck (``gan_weight``), and no regression loss.
+
+    The generator's levels are the nested grid of ``student_steps``; a K-step student is trained on its own
+    backward simulation (the state at level k is the current generator run from noise for k steps, renoised),
+    and samples with ``consistency`` (x0 = G(x, sigma_k), then x0 + sigma_{k+1} z). The distribution-matching
+    noise level is sigma(u), u ~ U[0.02, 0.98] on the Karras warp from sigma_max to sigma_min (DMD2's
+    t ~ U[0.02, 0.98] T). Manual optimisation; only the generator step advances ``global_step``.
+    """
+
+    student_sampler = "consistency"
+
+    def __init__(
+        self, *args, student_steps: int = 1, critic_steps: int = 5, gan_weight: float = 3e-3, critic_gan_weight: float = 1e-2,
+        dm_range: tuple[float, float] = (0.02, 0.98), p_mean: float = -1.2, p_std: float = 1.2,
+        optimizer_critic: dict | None = None, head_channels: int = 64, **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        optimizer_critic = plain(optimizer_critic) or dict(ADAM)
+        self.save_hyperparameters(
+            "student_steps", "critic_steps", "gan_weight", "critic_gan_weight", "dm_range", "p_mean", "p_std",
+            "optimizer_critic", "head_channels",
+        )
+        if int(student_steps) != student_steps or student_steps < 1:
+            raise ConfigError(f"method.student_steps={student_steps}: use an integer >= 1")
+        if int(critic_steps) != critic_steps or critic_steps < 1:
+            raise ConfigError(f"method.critic_steps={critic_steps}: use an integer >= 1 (DMD2 uses 5)")
+        if gan_weight < 0 or critic_gan_weight < 0:
+            raise ConfigError("method.gan_weight and method.critic_gan_weight must be >= 0 (0 turns the GAN head off)")
+        lo, hi = (float(u) for u in dm_range)
+        if not 0 <= lo < hi <= 1:
+            raise ConfigError(f"method.dm_range={list(dm_range)}: need 0 <= low < high <= 1 (fractions of the noise range)")
+        if self.hparams.scheduler:
+            raise ConfigError("dmd2 steps its two optimisers itself and takes no scheduler: set method.scheduler=null")
+        self.fake_net = copy.deepcopy(self.net)  # the fake-score critic, restarted from the teacher in attach_teacher
+        self.gan = gan_weight > 0 or critic_gan_weight > 0
+        if self.gan:
+            with torch.no_grad():
+                features = self.critic_features(torch.zeros(1, *self.hparams.data_shape), torch.ones(1), None)
+            self.head = Head(features.shape[1], head_channels, self.num_classes, spatial=features.ndim == 4)
+        self.automatic_optimization = False
+
+    def teacher_attached(self) -> None:
+        self.fake_net.load_state_dict(self.teacher.net.state_dict(), strict=False)
+
+    # -- grids ------------------------------------------------------------------------------------------------
+    @property
+    def teacher_steps(self) -> int:
+        return max(32, self.hparams.student_steps)
+
+    @property
+    def student_sigmas(self) -> torch.Tensor:
+        return self.grid(self.hparams.student_steps)
+
+    @property
+    def state_sigmas(self) -> torch.Tensor:
+        return self.student_sigmas[:-1]
+
+    # -- networks ---------------------------------------------------------------------------------------------
+    def denoiser(self, x, sigma, class_labels=None):
+        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
+
+    def fake_denoiser(self, x, sigma, class_labels=None):
+        return edm_denoise(self.fake_net, x, sigma, class_labels, self.hparams.sigma_data)
+
+    def critic_features(self, x_noisy, sigma, class_labels):
+        """The critic's bottleneck features at x_noisy (noise level ``sigma``), for the GAN head."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_noisy.device).expand(x_noisy.shape[0])
+        _, _, c_in, c_noise = edm_coefficients(sigma, self.hparams.sigma_data)
+        x = c_in.view((-1,) + (1,) * (x_noisy.ndim - 1)) * x_noisy
+        return encoder_features(self.fake_net, x, c_noise, class_labels)[-1]
+
+    def gan_logits(self, x_noisy, sigma, class_labels):
+        return self.head(self.critic_features(x_noisy, sigma, class_labels), class_labels)
+
+    # -- training states: backward simulation -----------------------------------------------------------------
+    @torch.no_grad()
+    def default_states(self, x0, class_labels):
+        """The generator's own backward simulation: from sigma_0 z, k steps of x0 = G(x), x = x0 + sigma_{i+1} z."""
+        levels = self.state_sigmas
+        n = x0.shape[0]
+        k = torch.randint(len(levels), (n,), device=x0.device)
+        x = levels[0] * torch.randn_like(x0)
+        states = x.clone()
+        for i in range(1, int(k.max()) + 1):
+            x = self.denoiser(x, levels[i - 1].expand(n), class_labels) + levels[i] * torch.randn_like(x0)
+            states[k == i] = x[k == i]
+        return states, k
+
+    def dm_sigmas(self, n: int, device) -> torch.Tensor:
+        hp = self.hparams
+        lo, hi = (float(u) for u in hp.dm_range)
+        u = lo + (hi - lo) * torch.rand(n, device=device)
+        inv_max, inv_min = hp.sigma_max ** (1 / hp.rho), hp.sigma_min ** (1 / hp.rho)
+        return (inv_max + u * (inv_min - inv_max)) ** hp.rho
+
+    # -- losses -----------------------------------------------------------------------------------------------
+    def critic_loss(self, fake: torch.Tensor, x_real: torch.Tensor, class_labels) -> dict[str, torch.Tensor]:
+        """Denoising loss of the fake score on generator outputs (EDM weighting) [+ the GAN head's loss]."""
+        hp = self.hparams
+        shape = (-1,) + (1,) * (fake.ndim - 1)
+        sigma = edm_training_sigmas(fake.shape[0], hp.p_mean, hp.p_std, device=fake.device)
+        noisy = fake + sigma.view(shape) * torch.randn_like(fake)
+        weight = edm_loss_weight(sigma, hp.sigma_data).view(shape)
+        out = {"denoise": (weight * (self.fake_denoiser(noisy, sigma, class_labels) - fake) ** 2).mean()}
+        out["loss"] = out["denoise"]
+        if self.gan and hp.critic_gan_weight > 0:
+            sigma = self.dm_sigmas(fake.shape[0], fake.device)
+            logits_fake = self.gan_logits(fake + sigma.view(shape) * torch.randn_like(fake), sigma, class_labels)
+            logits_real = self.gan_logits(x_real + sigma.view(shape) * torch.randn_like(x_real), sigma, class_labels)
+            out["gan"] = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+            out["loss"] = out["loss"] + hp.critic_gan_weight * out["gan"]
+        return out
+
+    def generator_loss(self, fake: torch.Tensor, class_labels) -> dict[str, torch.Tensor]:
+        """L_DM at sigma(u), plus gan_weight * softplus(-D(G)) on the critic's head."""
+        hp = self.hparams
+        shape = (-1,) + (1,) * (fake.ndim - 1)
+        sigma = self.dm_sigmas(fake.shape[0], fake.device)
+        noisy = fake + sigma.view(shape) * torch.randn_like(fake)
+        with torch.no_grad():
+            real = self.teacher_denoise(noisy, sigma, class_labels)
+            fake_x0 = self.fake_denoiser(noisy, sigma, class_labels)
+            grad = torch.nan_to_num(distribution_matching_grad(fake, real, fake_x0))
+        out = {"dm": distribution_matching_loss(fake, grad)}
+        out["loss"] = out["dm"]
+        if self.gan and hp.gan_weight > 0:
+            params = [p for p in (*self.fake_net.parameters(), *self.head.parameters()) if p.requires_grad]
+            for p in params:
+                p.requires_grad_(False)
+            try:
+                out["gan"] = F.softplus(-self.gan_logits(noisy, sigma, class_labels)).mean()
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
+            out["loss"] = out["loss"] + hp.gan_weight * out["gan"]
+        return out
+
+    def check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value):
+            raise ConfigError(
+                f"dmd2: the {what} loss is {value.item()} at step {self.global_step}: training diverged; lower "
+                "method.optimizer.lr / method.optimizer_critic.lr"
+            )
+
+    def training_step(self, batch, batch_idx):
+        x_real, y = batch
+        labels = self.training_labels(y)
+        opt_g, opt_c = self.optimizers()
+        x, k, labels = self.training_states(x_real, labels)
+        sigma = self.state_sigmas[k]
+
+        for _ in range(self.hparams.critic_steps):  # not counted in global_step
+            with torch.no_grad():
+                fake = self.student_x0(x, sigma, labels)
+            c = self.critic_loss(fake, x_real, labels)
+            self.check_finite(c["loss"], "critic")
+            opt_c.zero_grad(set_to_none=True)
+            self.manual_backward(c["loss"])
+            self.trainer.strategy.optimizer_step(opt_c.optimizer, closure=lambda: None)
+
+        fake = self.student_x0(x, sigma, labels)
+        g = self.generator_loss(fake, labels)
+        self.check_finite(g["loss"], "generator")
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g["loss"])
+        opt_g.step()
+
+        self.log("train/loss", g["loss"].detach(), prog_bar=True)
+        self.log("train/loss_dm", g["dm"].detach())
+        self.log("train/loss_critic", c["denoise"].detach(), prog_bar=True)
+        if "gan" in g:
+            self.log("train/loss_gan_g", g["gan"].detach())
+        if "gan" in c:
+            self.log("train/loss_gan_critic", c["gan"].detach())
+
+    def state_loss(self, x, k, class_labels, x0=None):
+        """Validation: the distribution-matching loss of the generator's outputs at these states."""
+        fake = self.student_x0(x, self.state_sigmas[k], class_labels)
+        return self.generator_loss(fake, class_labels)["dm"].detach()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        critic = [*self.fake_net.parameters(), *(self.head.parameters() if self.gan else ())]
+        opt_g = instantiate(hp.optimizer, _convert_="all")(self.net.parameters())
+        opt_c = instantiate(hp.optimizer_critic, _convert_="all")(critic)
+        return [opt_g, opt_c]

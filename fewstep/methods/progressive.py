@@ -1,0 +1,79 @@
+"""Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512): rounds that halve the number of DDIM steps."""
+
+from __future__ import annotations
+
+import torch
+
+from fewstep.methods.student import DistilledStudent, ddim_step
+from fewstep.networks.preconditioning import edm_denoise
+
+
+def progressive_target(teacher_x0, x_t, sigma_t, sigma_mid, sigma_s) -> torch.Tensor:
+    """The x0 target for which one student DDIM step t -> s lands where two teacher DDIM steps t -> mid -> s do.
+
+    In EDM's sigma space (alpha = 1): x~ = (z_s - (sigma_s / sigma_t) z_t) / (1 - sigma_s / sigma_t), which is
+    the teacher's end point z_s itself when sigma_s = 0. ``teacher_x0(x, sigma)`` is the teacher's denoiser.
+    """
+    x_mid = ddim_step(x_t, teacher_x0(x_t, sigma_t), sigma_t, sigma_mid)
+    x_s = ddim_step(x_mid, teacher_x0(x_mid, sigma_mid), sigma_mid, sigma_s)
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    ratio = (sigma_s / sigma_t).view(shape)
+    return (x_s - ratio * x_t) / (1 - ratio)
+
+
+class Progressive(DistilledStudent):
+    """One round: an N-step DDIM student of a 2N-step DDIM teacher, both on nested Karras grids.
+
+    A state x_t at the student's level t = sigma_k gets the target of ``progressive_target`` from the teacher's
+    two steps t -> sigma_mid -> s (s = sigma_{k+1}, mid the teacher's level between them); the loss is the
+    truncated-SNR-weighted x-space error max(SNR, 1) |D(x_t, t) - x~|^2, SNR = 1 / t^2 in EDM's space. The
+    student samples with ``euler`` (= DDIM here) on the nested grid at N steps. ``python -m fewstep.train
+    method=progressive`` runs the rounds ``start_steps`` -> ``end_steps``, each its own fit (``stages``).
+    """
+
+    student_sampler = "euler"
+
+    def __init__(self, *args, student_steps: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters("student_steps")
+
+    @property
+    def teacher_steps(self) -> int:
+        return 2 * self.hparams.student_steps
+
+    @property
+    def student_sigmas(self) -> torch.Tensor:
+        return self.grid(self.hparams.student_steps)
+
+    @property
+    def state_sigmas(self) -> torch.Tensor:
+        return self.student_sigmas[:-1]
+
+    def denoiser(self, x, sigma, class_labels=None):
+        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
+
+    def state_loss(self, x, k, class_labels, x0=None):
+        student, teacher = self.student_sigmas, self.grid(self.teacher_steps)
+        sigma_t, sigma_mid, sigma_s = student[k], teacher[2 * k + 1], student[k + 1]
+
+        def teacher_x0(x_, sigma_):
+            return self.teacher_denoise(x_, sigma_, class_labels)
+
+        target = progressive_target(teacher_x0, x, sigma_t, sigma_mid, sigma_s)
+        weight = (1 / sigma_t**2).clamp(min=1.0).view((-1,) + (1,) * (x.ndim - 1))
+        return (weight * (self.denoiser(x, sigma_t, class_labels) - target) ** 2).mean()
+
+
+def halving_stages(start_steps: int, end_steps: int) -> list[int]:
+    """[start, start/2, ..., end]: the teacher's steps, then each round's student's."""
+    from fewstep.errors import ConfigError
+
+    stages = [int(start_steps)]
+    while stages[-1] > end_steps and stages[-1] % 2 == 0:
+        stages.append(stages[-1] // 2)
+    if start_steps != int(start_steps) or end_steps < 1 or stages[-1] != end_steps or len(stages) < 2:
+        raise ConfigError(
+            f"progressive rounds from {start_steps} to {end_steps} steps: end_steps must be start_steps halved one or "
+            "more times (e.g. method.start_steps=32 method.end_steps=1)"
+        )
+    return stages

@@ -1,0 +1,270 @@
+"""What the EDM-space distillation students share (progressive, consistency, dmd2; DDIL on each): the frozen
+teacher, its guided and reflected denoiser, the grid of training states, and DDIL's three sources of them.
+
+Not a method itself: a base class, so that no method imports another.
+
+Training states. Each student trains on states x at the noise levels of ``state_sigmas`` (its own grid, or
+the teacher's for consistency distillation), labelled by their index k. Without DDIL they come from
+``default_states`` (forward-diffused data x0 + sigma_k n; DMD2: the student's own backward simulation).
+With DDIL (Garrepalli et al., arXiv 2410.11971) each state's source is drawn with weights
+(b_fwd, b_teacher, b_student): forward-diffused data, or a state from the teacher's or the student's
+rollouts, kept in the bounded buffers of ``fewstep.data.rollout.RolloutStates``, which the student
+refreshes with new trajectories every ``refresh_every`` steps. DDIL's reflected diffusion clips the
+teacher's and the student's x0 predictions to the data range [-1, 1] (``ddil.reflect``).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from fewstep.checkpoints import ARCHITECTURE, first_difference
+from fewstep.data.rollout import SOURCES, RolloutStates, check_weights, draw_sources
+from fewstep.errors import CheckpointError, ConfigError
+from fewstep.methods.base import GenerativeMethod, plain
+from fewstep.samplers import SOLVERS
+from fewstep.samplers.grids import nested_sigmas
+
+TEACHER_HPARAMS = (*ARCHITECTURE, "sigma_data")
+DATA_RANGE = (-1.0, 1.0)
+DDIL_KEYS = {"base", "b_fwd", "b_teacher", "b_student", "buffer", "reflect"}
+
+
+def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One DDIM (= Euler on the probability-flow ODE) step in EDM's sigma space: D + (sigma_next / sigma) (x - D)."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return denoised + (sigma_next / sigma).view(shape) * (x - denoised)
+
+
+def reflect(x0: torch.Tensor) -> torch.Tensor:
+    """DDIL's reflected diffusion: an x0 prediction thresholded to the data range."""
+    return x0.clamp(*DATA_RANGE)
+
+
+def level_index(sigma: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The index of the nearest level (in log sigma) of each sigma."""
+    return (sigma.log()[:, None] - levels.log()[None, :]).abs().argmin(1)
+
+
+class DistilledStudent(GenerativeMethod):
+    """An EDM-space student of a frozen teacher denoiser (an edm_teacher run or an earlier student).
+
+    Subclasses define ``state_sigmas`` (levels of training states), ``student_sigmas`` (their sampling
+    grid, ending at 0), ``student_sampler`` (the solver that grid is made for), ``denoiser`` and
+    ``state_loss(x, k, labels, x0)``. ``teacher_steps`` is the teacher's grid for its rollouts (it must
+    contain ``state_sigmas``).
+    """
+
+    student_sampler = "euler"
+
+    def __init__(
+        self, *args, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+        guidance: float = 0.0, teacher_ckpt: str | None = None, ddil: dict | None = None, **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        ddil = plain(ddil) or None
+        self.save_hyperparameters("sigma_data", "sigma_min", "sigma_max", "rho", "guidance", "teacher_ckpt", "ddil")
+        if not 0 < sigma_min < sigma_max:
+            raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        if guidance < 0:
+            raise ConfigError(f"method.guidance={guidance}: the teacher's guidance scale must be >= 0")
+        if ddil is not None:
+            unknown = sorted(set(ddil) - DDIL_KEYS)
+            if unknown:
+                raise ConfigError(f"ddil takes {', '.join(sorted(DDIL_KEYS))}, not '{unknown[0]}'")
+            check_weights([ddil.get(f"b_{source}", 0.0) for source in SOURCES])
+        self.teacher = None
+
+    # -- the teacher -----------------------------------------------------------------------------------------
+    @property
+    def reflecting(self) -> bool:
+        return bool((self.hparams.ddil or {}).get("reflect", False))
+
+    def attach_teacher(self, teacher, path=None, init_student: bool = True) -> None:
+        """Freeze ``teacher`` (read from ``path``) as the target; by default start the student from its weights."""
+        check_teacher(teacher, self, path or self.hparams.teacher_ckpt, type(self).__name__.lower())
+        if path is not None:
+            self.hparams.teacher_ckpt = str(path)
+        teacher = teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)  # not registered: out of state_dict and the EMA
+        if init_student:
+            missing, unexpected = self.net.load_state_dict(teacher.net.state_dict(), strict=False)
+            extra = [k for k in missing if not k.startswith("embed.guidance")]  # a student-only embedding
+            if extra or unexpected:
+                raise CheckpointError(f"the teacher's network does not fit the student's: {(extra + unexpected)[0]}")
+        self.teacher_attached()
+
+    def teacher_attached(self) -> None:
+        """Hook for what a subclass builds from the teacher (target network, critic)."""
+
+    def on_fit_start(self) -> None:
+        if self.teacher is None:
+            raise ConfigError(
+                f"{type(self).__name__.lower()} has no teacher: call attach_teacher(teacher) before fitting "
+                "(python -m fewstep.train method=... teacher.ckpt=PATH finds or trains one)"
+            )
+        self.teacher.to(self.device)
+        if self.hparams.ddil is not None and not isinstance(getattr(self.trainer, "datamodule", None), RolloutStates):
+            raise ConfigError("a DDIL student needs its rollout buffers: fit it with datamodule=fewstep.data.rollout.RolloutStates(data)")
+
+    @torch.no_grad()
+    def teacher_denoise(self, x, sigma, class_labels=None, guidance=None) -> torch.Tensor:
+        """The teacher's x0 prediction, with classifier-free guidance (1 + w) D(.|y) - w D(.|empty) when
+        conditional (w a float or one per sample; default ``guidance``), reflected to the data range under DDIL."""
+        teacher = self.teacher
+        w = self.hparams.guidance if guidance is None else guidance
+        w = torch.as_tensor(w, dtype=x.dtype, device=x.device)
+        if class_labels is None or not torch.any(w != 0):
+            denoised = teacher.denoiser(x, sigma, class_labels)
+        else:
+            null = torch.full_like(class_labels, self.null_label)
+            both = teacher.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([class_labels, null]))
+            cond, uncond = both.chunk(2)
+            w = w.expand(x.shape[0]).view((-1,) + (1,) * (x.ndim - 1))
+            denoised = (1 + w) * cond - w * uncond
+        return reflect(denoised) if self.reflecting else denoised
+
+    # -- grids ------------------------------------------------------------------------------------------------
+    def grid(self, steps: int) -> torch.Tensor:
+        """The nested Karras grid of ``steps`` steps (ending at 0), on this module's device."""
+        hp = self.hparams
+        return nested_sigmas(steps, hp.sigma_min, hp.sigma_max, hp.rho).float().to(self.device)
+
+    @property
+    def state_sigmas(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def student_sigmas(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def teacher_steps(self) -> int:
+        raise NotImplementedError
+
+    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+        """Any diffusion sampler on ``denoiser``; by default on the nested grid the student was trained on."""
+        options.setdefault("sigma_max", float(self.hparams.sigma_max))
+        options.setdefault("sigma_min", float(self.hparams.sigma_min))
+        options.setdefault("rho", float(self.hparams.rho))
+        return super().sample_batch(noise, sampler, nfe, class_labels, guidance, grid or "nested", **options)
+
+    # -- training states --------------------------------------------------------------------------------------
+    def default_states(self, x0, class_labels):
+        """States without DDIL (x, k): forward-diffused data (``forward_states``) unless a subclass says otherwise."""
+        return self.forward_states(x0)
+
+    def forward_states(self, x0):
+        """x0 + sigma_k n at uniformly drawn levels k: (x, k)."""
+        levels = self.state_sigmas
+        k = torch.randint(len(levels), (x0.shape[0],), device=x0.device)
+        return x0 + levels[k].view((-1,) + (1,) * (x0.ndim - 1)) * torch.randn_like(x0), k
+
+    def training_states(self, x0, class_labels):
+        """(x, k, labels): the states of this batch, mixed from DDIL's three sources when it is on."""
+        ddil = self.hparams.ddil
+        if ddil is None:
+            x, k = self.default_states(x0, class_labels)
+            return x, k, class_labels
+        datamodule = self.trainer.datamodule
+        datamodule.refresh(self.global_step, self.rollout)
+        x, k = self.forward_states(x0)
+        labels = None if class_labels is None else class_labels.clone()
+        sources = draw_sources([ddil.get(f"b_{s}", 0.0) for s in SOURCES], x0.shape[0]).to(x0.device)
+        for code, source in enumerate(SOURCES[1:], start=1):
+            index = (sources == code).nonzero().squeeze(1)
+            if len(index):
+                xs, sigma, ys = datamodule.draw(source, len(index))
+                x[index] = xs.to(x)
+                k[index] = level_index(sigma.to(x.device), self.state_sigmas)
+                if labels is not None:
+                    labels[index] = torch.where(ys >= 0, ys, self.null_label).to(labels)
+        for code, source in enumerate(SOURCES):
+            self.log(f"ddil/{source}_fraction", (sources == code).float().mean())
+        return x, k, labels
+
+    @property
+    def sample_grid_nfe(self) -> int:
+        """The validation sample grid shows the student at its own number of steps."""
+        return len(self.student_sigmas) - 1
+
+    def student_x0(self, x, sigma, class_labels=None):
+        denoised = self.denoiser(x, sigma, class_labels)
+        return reflect(denoised) if self.reflecting else denoised
+
+    @torch.no_grad()
+    def rollout(self, source: str, n: int):
+        """States at ``state_sigmas`` along ``n`` new trajectories of the teacher (DDIM on its own grid) or of the
+        current student (its own sampler and grid): (x, sigma, labels)."""
+        # its own seed per rank and step, so that ranks (and refreshes) roll out different trajectories
+        generator = torch.Generator(self.device).manual_seed(1_000_003 * self.global_rank + self.global_step)
+        labels = None
+        if self.num_classes:
+            labels = torch.randint(self.num_classes, (n,), generator=generator, device=self.device)
+        if source == "teacher":
+            sigmas, solver = self.grid(self.teacher_steps), SOLVERS["euler"].fn
+
+            def denoiser(x, sigma):
+                return self.teacher_denoise(x, sigma, labels)
+        else:
+            sigmas, solver = self.student_sigmas, SOLVERS[self.student_sampler].fn
+
+            def denoiser(x, sigma):
+                return self.student_x0(x, sigma, labels)
+
+        x = sigmas[0] * torch.randn(n, *self.hparams.data_shape, generator=generator, device=self.device)
+        states = [(x, sigmas[0])]
+        solver(denoiser, x, sigmas, callback=lambda info: states.append((info["x"], sigmas[info["i"] + 1])))
+        levels = self.state_sigmas
+        keep = [(xs, s) for xs, s in states if s > 0 and torch.isclose(levels, s, rtol=1e-4).any()]
+        if not keep:
+            raise ConfigError(f"the {source} rollout grid meets none of the training levels: use nested step counts")
+        x = torch.cat([xs for xs, _ in keep])
+        sigma = torch.cat([s.expand(n) for _, s in keep])
+        labels = None if labels is None else labels.repeat(len(keep))
+        return x, sigma, labels
+
+    # -- Lightning --------------------------------------------------------------------------------------------
+    def state_loss(self, x, k, class_labels, x0=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, x0, class_labels, generator=None):
+        if self.teacher is None:
+            raise ConfigError(f"{type(self).__name__.lower()} has no teacher: call attach_teacher(teacher) first")
+        if generator is not None:  # validation: fixed forward-diffused states, comparable across steps
+            levels = self.state_sigmas
+            k = torch.randint(len(levels), (x0.shape[0],), generator=generator, device=x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+            x = x0 + levels[k].view((-1,) + (1,) * (x0.ndim - 1)) * noise
+            return self.state_loss(x, k, class_labels, x0)
+        x, k, class_labels = self.training_states(x0, class_labels)
+        return self.state_loss(x, k, class_labels, x0)
+
+    def on_train_start(self) -> None:
+        if self.hparams.ddil is not None:
+            ddil = self.hparams.ddil
+            rank_zero_info(
+                f"ddil: training states from forward diffusion / teacher / student rollouts with weights "
+                f"{ddil.get('b_fwd', 0.0)} / {ddil.get('b_teacher', 0.0)} / {ddil.get('b_student', 0.0)}"
+            )
+
+
+def check_teacher(teacher, student, path, name: str) -> None:
+    """One line naming why ``teacher`` (from ``path``) cannot teach ``student``: no denoiser, or another network."""
+    where = f"teacher checkpoint '{path}'" if path else "the teacher"
+    # By class name: a method never imports another method.
+    kinds = {cls.__name__ for cls in type(teacher).__mro__}
+    if not kinds & {"EDMTeacher", "DistilledStudent"}:
+        raise CheckpointError(
+            f"{where} holds a {type(teacher).__name__}, not an EDM-space denoiser: {name} distils a "
+            "method=edm_teacher run (teacher.ckpt=PATH)"
+        )
+    key = first_difference(student.hparams, teacher.hparams, TEACHER_HPARAMS)
+    if key:
+        raise CheckpointError(
+            f"{where} does not match this student: its {key} is {teacher.hparams.get(key)}, the student's is "
+            f"{student.hparams.get(key)}; use the teacher's model/data settings or another teacher"
+        )
+
+
+__all__ = ["DistilledStudent", "check_teacher", "ddim_step", "level_index", "reflect"]
