@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -76,11 +77,29 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     if cfg.metric == "fid_domain":
         row["domain_classifier_accuracy"] = extractor.accuracy  # fid_domain is not comparable with published FID
+        row.update(diversity(extractor, real, to_uint8(samples), datamodule.num_classes, cfg.batch_size))
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(row, indent=2))
-    Console().print(f"{cfg.metric} = {value:.4g}  ({cfg.sampler.name}, {nfe} NFE, n = {cfg.n}) -> {out / 'result.json'}")
+    extra = "".join(f", {key} {row[key]:.3f}" for key in ("precision", "recall", "class_entropy") if key in row)
+    Console().print(f"{cfg.metric} = {value:.4g}{extra}  ({cfg.sampler.name}, {nfe} NFE, n = {cfg.n}) -> {out / 'result.json'}")
     return row
+
+
+@torch.no_grad()
+def diversity(extractor, real, fake, num_classes: int, batch_size: int) -> dict:
+    """Precision and recall on the domain classifier's features, and the class coverage of its predictions."""
+    from fewstep.metrics.diversity import class_coverage, precision_recall
+    from fewstep.metrics.domain import to_model_range
+
+    device = next(extractor.parameters()).device
+
+    def batches(images, fn):
+        return torch.cat([fn(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
+
+    precision, recall = precision_recall(batches(real, extractor), batches(fake, extractor))
+    predicted = batches(fake, lambda x: extractor.classifier(to_model_range(x)).argmax(1))
+    return {"precision": precision, "recall": recall, **class_coverage(predicted, num_classes)}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

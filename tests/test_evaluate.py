@@ -50,6 +50,8 @@ def test_multirun_evaluate_then_report(tiny_checkpoint, tmp_path):
     }
     assert all(r["metric"] == "fid_domain" and r["value"] > 0 and r["n"] == 40 and r["data"] == "Digits" for r in rows)
     assert all(r["domain_classifier_accuracy"] > 0.8 for r in rows)  # trained once, then read from the cache
+    # diversity beside the FID: precision/recall on the same features, class coverage of the predictions
+    assert all(0 <= r[key] <= 1 for r in rows for key in ("precision", "recall", "class_entropy", "classes_covered"))
     assert len(list((tmp_path / "cache").glob("domain_*.pt"))) == 1
     assert "biased" in result.stderr  # n < 2048 warns
 

@@ -1,0 +1,53 @@
+"""Diversity of generated images: improved precision and recall, and per-class coverage.
+
+FID mixes fidelity and diversity into one number; a distilled student can lose modes while its FID
+moves little. Recall (Kynkaenniemi et al. 2019) is the fraction of real images whose feature lies
+inside the k-NN balls of the generated ones, precision the converse; class coverage reads the class
+of each generated image off a classifier of the data set and compares the class histogram with the
+uniform one. ``python -m fewstep.evaluate metric=fid_domain`` reports all three beside the FID, on the
+domain classifier's features and predictions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def knn_radii(features: Tensor, k: int) -> Tensor:
+    """Distance of each point to its k-th nearest neighbour among the others."""
+    distances = torch.cdist(features, features)
+    return distances.kthvalue(k + 1, dim=1).values  # +1: the point itself, at distance 0
+
+
+def manifold_coverage(points: Tensor, support: Tensor, k: int = 3) -> float:
+    """The fraction of ``points`` inside at least one k-NN ball of ``support`` (improved precision/recall)."""
+    radii = knn_radii(support, k)
+    inside = torch.cdist(points, support) <= radii[None, :]
+    return inside.any(dim=1).float().mean().item()
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """(precision, recall) of features ``fake`` [N, D] against ``real`` [M, D], with k-NN manifolds (k = 3)."""
+    real, fake = real.double(), fake.double()
+    return manifold_coverage(fake, real, k), manifold_coverage(real, fake, k)
+
+
+def class_coverage(predicted: Tensor, num_classes: int) -> dict[str, float]:
+    """From the predicted class of each generated image: {class_entropy: the histogram's entropy over the
+    uniform one's (1 = every class equally often), classes_covered: the fraction of classes with at least
+    a quarter of their uniform share, min_class_share: the rarest class's count over its uniform share}."""
+    counts = torch.bincount(predicted.long(), minlength=num_classes).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum() / math.log(num_classes)
+    share = p * num_classes
+    return {
+        "class_entropy": entropy.item(),
+        "classes_covered": (share >= 0.25).double().mean().item(),
+        "min_class_share": share.min().item(),
+    }
+
+
+__all__ = ["class_coverage", "knn_radii", "manifold_coverage", "precision_recall"]
