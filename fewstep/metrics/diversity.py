@@ -44,7 +44,7 @@ def class_coverage(predicted: Tensor, num_classes: int) -> dict[str, float]:
     entropy = -(p[p > 0] * p[p > 0].log()).sum() / math.log(num_classes)
     share = p * num_classes
     return {
-        "class_entropy": entropy.item(),
+        "class_entropy": entropy.item() + 0.0,  # + 0.0: no "-0.0" for a single class
         "classes_covered": (share >= 0.25).double().mean().item(),
         "min_class_share": share.min().item(),
     }
