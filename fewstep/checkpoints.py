@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from fewstep.errors import CheckpointError
 
@@ -76,3 +78,48 @@ def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
     method = cls(**checkpoint["hyper_parameters"])
     method.load_state_dict(checkpoint["state_dict"])
     return method.to(map_location).eval()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its target, fsyncs it, then renames it into place.
+
+    A crash or a full disk mid-write leaves the previous checkpoints (and ``last.ckpt``) as they were,
+    never a half-written file under a checkpoint's name (a rename within one directory is atomic on
+    POSIX file systems, unlike a move from /tmp onto a mounted volume). A failed write says so in one line.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            previous = latest_checkpoint(path.parent)
+            kept = f"the previous checkpoint {previous.resolve()} is intact" if previous else "no earlier checkpoint was written"
+            raise CheckpointError(
+                f"could not write checkpoint '{path}' ({error.strerror or error}); {kept}: free space (or fix the "
+                "directory) and continue with resume=auto"
+            ) from None
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint a run continues from: ``last.ckpt`` if readable, else the readable ``*.ckpt`` of the highest step."""
+    directory = Path(directory)
+    candidates = [directory / "last.ckpt"] if (directory / "last.ckpt").exists() else []
+    steps = []
+    for path in directory.glob("*.ckpt"):
+        if path.name != "last.ckpt" and not path.name.startswith("."):
+            steps.append(path)
+    for path in candidates + sorted(steps, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            read_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None

@@ -22,6 +22,10 @@ class CheckpointError(FewstepError):
     """A checkpoint is missing, unreadable, or does not fit the current config."""
 
 
+class TrainingDiverged(FewstepError):
+    """A loss became NaN or infinite; the run stops without saving the diverged state."""
+
+
 def one_line(message: str) -> str:
     """Collapse a message to a single line."""
     return " ".join(str(message).split())

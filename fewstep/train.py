@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from fewstep.checkpoints import check_compatible, read_checkpoint
+from fewstep.checkpoints import AtomicCheckpointIO, check_compatible, latest_checkpoint, read_checkpoint
 from fewstep.cli import check_overrides, user_errors
+from fewstep.errors import ConfigError
 
 
 def train(cfg: DictConfig) -> dict:
@@ -44,18 +45,35 @@ def fit(cfg: DictConfig, method: L.LightningModule | None = None, datamodule=Non
         datamodule = load_data(cfg)
     if method is None:
         method = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
-    if cfg.get("ckpt_path"):
-        check_compatible(read_checkpoint(cfg.ckpt_path), method, cfg.ckpt_path)
+    ckpt_path = resume_from(cfg)
+    if ckpt_path:
+        check_compatible(read_checkpoint(ckpt_path), method, ckpt_path)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     # weights_only=False: our checkpoints hold the network's Hydra config (a DictConfig) in their hyperparameters
-    trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         report(trainer, Path(cfg.paths.output_dir), metrics)
     return metrics
+
+
+def resume_from(cfg: DictConfig) -> str | None:
+    """``ckpt_path``, or with ``resume=auto`` the latest readable checkpoint of this run directory (None: start)."""
+    resume = cfg.get("resume")
+    if resume not in (None, "auto"):
+        raise ConfigError(f"resume={resume}: use resume=auto (the run directory's last checkpoint) or ckpt_path=PATH")
+    if cfg.get("ckpt_path") or resume != "auto":
+        return cfg.get("ckpt_path")
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    directory = Path(checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints")
+    found = latest_checkpoint(directory)
+    Console().print(f"[bold]resume=auto[/]: {f'continuing from {found}' if found else f'no checkpoint in {directory}, starting'}")
+    return str(found) if found else None
 
 
 def report(trainer: L.Trainer, output_dir: Path, metrics: dict) -> None:

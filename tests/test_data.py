@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import socket
 import struct
@@ -15,6 +16,7 @@ from PIL import Image
 
 from fewstep.data import CIFAR10, Digits, FashionMNIST, GaussianMixture, GMMDataModule, ImageFolder, MNIST5k
 from fewstep.data.images import FASHION_MNIST_DEBIAN_ROOT, read_idx
+from fewstep.data.loaders import ResumableSampler
 from fewstep.errors import ConfigError, DatasetNotFound
 
 
@@ -40,9 +42,35 @@ def test_mnist5k_batches_shapes_range_and_split(mnist):
     assert len(mnist.val_set.tensors[1].unique()) == 10
 
 
-def test_mnist5k_drops_last_partial_batch_and_val_keeps_all(mnist):
-    assert all(len(y) == 64 for _, y in mnist.train_dataloader())
+def test_mnist5k_trains_on_full_batches_and_val_keeps_all(mnist):
+    batches = itertools.islice(mnist.train_dataloader(), 80)  # endless: the run's max_steps ends it
+    assert all(len(y) == 64 for _, y in batches)
     assert sum(len(y) for _, y in mnist.val_dataloader()) == 256
+
+
+def test_training_order_is_every_sample_once_per_epoch_and_resumes_at_any_step():
+    sampler = ResumableSampler(10, batch_size=4, seed=3)
+    stream = list(itertools.islice(iter(sampler), 40))
+    for epoch in range(4):
+        assert sorted(stream[10 * epoch : 10 * epoch + 10]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # a new permutation each epoch
+    resumed = ResumableSampler(10, batch_size=4, seed=3, start_step=3)
+    assert list(itertools.islice(iter(resumed), 28)) == stream[12:40]
+    # two ranks with batch 2 see, step by step, what one process sees with batch 4
+    ranks = [list(itertools.islice(iter(ResumableSampler(10, 2, seed=3, rank=r, world=2)), 20)) for r in (0, 1)]
+    for step in range(10):
+        assert ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2] == stream[4 * step : 4 * step + 4]
+
+
+def test_datamodule_state_holds_the_step_to_resume_at():
+    digits = Digits(batch_size=8)
+    digits.load_state_dict({"train_step": 5})
+    first = next(iter(digits.train_dataloader()))[1]
+    fresh = Digits(batch_size=8)
+    loader = iter(fresh.train_dataloader())
+    for _ in range(5):
+        next(loader)
+    assert torch.equal(next(loader)[1], first) and digits.state_dict() == {"train_step": 5}
 
 
 def test_split_is_deterministic_per_seed():

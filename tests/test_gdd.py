@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fewstep.checkpoints import load_method
 from fewstep.cli import CONF_DIR
-from fewstep.errors import CheckpointError, ConfigError
+from fewstep.errors import CheckpointError, ConfigError, TrainingDiverged
 from fewstep.generate import generate
 from fewstep.methods.edm_teacher import EDMTeacher
 from fewstep.methods.flow_teacher import FlowTeacher
@@ -255,7 +255,7 @@ def test_r1_is_gamma_over_two_times_the_squared_input_gradient_scaled_by_the_int
 
 def test_a_nan_loss_names_the_fix():
     method = gdd(discriminator=CONV)
-    with pytest.raises(ConfigError, match=r"diverged; lower method.optimizer_g.lr") as error:
+    with pytest.raises(TrainingDiverged, match=r"generator loss is nan .* lower method.optimizer_g.lr") as error:
         method.check_finite(torch.tensor(float("nan")), "generator")
     assert "\n" not in str(error.value)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fewstep.data.loaders import make_loader
+from fewstep.data.loaders import ResumableTrainOrder, make_loader
 from fewstep.errors import ConfigError, one_line
 
 
@@ -112,7 +112,7 @@ def _diag_normal_log_prob(x: Tensor, means: Tensor, variances: Tensor) -> Tensor
     return -0.5 * (squared + (2 * math.pi * variances).log()).sum(-1)
 
 
-class GMMDataModule(L.LightningDataModule):
+class GMMDataModule(ResumableTrainOrder, L.LightningDataModule):
     """A fixed data set drawn once from `GaussianMixture.benchmark`; batches (x float32 [B, d], y int64 mode [B])."""
 
     def __init__(
@@ -169,7 +169,7 @@ class GMMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return make_loader(self.train_set, self.batch_size, self.num_workers, train=True)
+        return self.train_loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

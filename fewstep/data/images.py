@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 from torchvision.transforms.v2 import functional as TF
 
-from fewstep.data.loaders import make_loader
+from fewstep.data.loaders import ResumableTrainOrder, make_loader
 from fewstep.errors import ConfigError, DatasetNotFound, one_line
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
     """Base class: seeded shuffle, optional `limit`, held-out validation split, optional resize.
 
     Subclasses set the class attributes below and implement `_load` (or `_make_datasets`).
@@ -76,7 +76,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return make_loader(self.train_set, self.batch_size, self.num_workers, train=True)
+        return self.train_loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -127,6 +127,7 @@ class RolloutStates(L.LightningDataModule):
         self.data.setup(stage)
 
     def train_dataloader(self):
+        self.data.trainer = self.trainer  # the data's loader reads the rank and the step reached from it
         return self.data.train_dataloader()
 
     def val_dataloader(self):
@@ -150,13 +151,16 @@ class RolloutStates(L.LightningDataModule):
         return self.buffers[source].sample(n, self.generator)
 
     def state_dict(self) -> dict:
+        self.data.trainer = self.trainer
         return {
+            "data": self.data.state_dict(),
             "buffers": {source: buffer.state_dict() for source, buffer in self.buffers.items()},
             "refreshes": list(self.refreshes),
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self.data.load_state_dict(state.get("data", {}))
         for source, buffer in self.buffers.items():
             buffer.load_state_dict(state["buffers"][source])
         self.refreshes = list(state["refreshes"])

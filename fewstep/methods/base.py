@@ -4,6 +4,7 @@ logging, and the denoiser interface that samplers and callbacks use."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,7 +12,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fewstep.errors import TrainingDiverged
 from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
+
+RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
 
 
 def plain(value: Any) -> Any:
@@ -82,8 +86,21 @@ class GenerativeMethod(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x0, y = batch
         loss = self.loss(x0, self.training_labels(y))
+        self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def check_finite(self, value: torch.Tensor, what: str = "training", hint: str = "lower method.optimizer.lr") -> None:
+        """Stop the run, in one line, when a loss is NaN or infinite: nothing is saved after the last good checkpoint."""
+        if torch.isfinite(value).all():
+            return
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        where = f"the last good checkpoint is {Path(last).resolve()}" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"the {what} loss is {value.float().mean().item()} at step {self.global_step}: training diverged and "
+            f"stopped; {where} (nothing was saved after it); {hint} and continue from it with ckpt_path=PATH"
+        )
 
     def validation_step(self, batch, batch_idx):
         # Fixed noise per validation batch, so the validation loss is comparable across steps.
@@ -102,6 +119,41 @@ class GenerativeMethod(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # What fewstep.checkpoints needs to rebuild this method from the file alone.
+        # What fewstep.checkpoints needs to rebuild this method from the file alone, and the random state,
+        # so that a resumed run draws the noise the uninterrupted one would have drawn.
         cls = type(self)
-        checkpoint["fewstep"] = {"method_class": f"{cls.__module__}.{cls.__qualname__}"}
+        checkpoint["fewstep"] = {"method_class": f"{cls.__module__}.{cls.__qualname__}", RNG_KEY: rng_states()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_rng = checkpoint.get("fewstep", {}).get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        # after the checkpoint and the dataloaders: nothing else draws from the generators before the first step
+        states = getattr(self, "_resumed_rng", None)
+        if states is not None:
+            set_rng_states(states)
+            self._resumed_rng = None
+
+
+def rng_states() -> dict:
+    """torch's (CPU and CUDA), numpy's and Python's global generator states."""
+    import random
+
+    import numpy as np
+
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

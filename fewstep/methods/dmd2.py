@@ -174,12 +174,8 @@ class DMD2(DistilledStudent):
             out["loss"] = out["loss"] + hp.gan_weight * out["gan"]
         return out
 
-    def check_finite(self, value: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(value):
-            raise ConfigError(
-                f"dmd2: the {what} loss is {value.item()} at step {self.global_step}: training diverged; lower "
-                "method.optimizer.lr / method.optimizer_critic.lr"
-            )
+    def check_finite(self, value: torch.Tensor, what: str = "training", hint: str | None = None) -> None:
+        super().check_finite(value, what, hint or "lower method.optimizer.lr / method.optimizer_critic.lr")
 
     def training_step(self, batch, batch_idx):
         x_real, y = batch

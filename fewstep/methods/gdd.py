@@ -213,14 +213,13 @@ class GDD(GenerativeMethod):
         out["d_real"], out["d_fake"] = logits_real.detach().mean(), logits_fake.detach().mean()
         return out
 
-    def check_finite(self, value: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(value):
-            hp = self.hparams
-            raise ConfigError(
-                f"gdd: the {what} loss is {value.item()} at step {self.global_step}: training diverged; lower "
-                f"method.optimizer_g.lr / method.optimizer_d.lr (now {hp.optimizer_g.get('lr')} / "
-                f"{hp.optimizer_d.get('lr')}) or raise method.r1_gamma (now {hp.r1_gamma})"
-            )
+    def check_finite(self, value: torch.Tensor, what: str = "training", hint: str | None = None) -> None:
+        hp = self.hparams
+        hint = hint or (
+            f"lower method.optimizer_g.lr / method.optimizer_d.lr (now {hp.optimizer_g.get('lr')} / "
+            f"{hp.optimizer_d.get('lr')}) or raise method.r1_gamma (now {hp.r1_gamma})"
+        )
+        super().check_finite(value, what, hint)
 
     def training_step(self, batch, batch_idx):
         x_real, y = batch

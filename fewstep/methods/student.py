@@ -241,6 +241,7 @@ class DistilledStudent(GenerativeMethod):
         return self.state_loss(x, k, class_labels, x0)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.hparams.ddil is not None:
             ddil = self.hparams.ddil
             rank_zero_info(

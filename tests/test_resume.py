@@ -1,0 +1,173 @@
+"""Losing nothing: resume after SIGKILL, atomic checkpoints, a full disk, a NaN loss, determinism."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fewstep.checkpoints import latest_checkpoint, read_checkpoint
+from fewstep.errors import CheckpointError, TrainingDiverged
+from fewstep.generate import generate
+from fewstep.methods import EDMTeacher
+from fewstep.train import train
+
+from conftest import REPO, TINY
+
+# A tiny run with a checkpoint every 2 steps (what a real run does every val_check_interval steps).
+RUN = [
+    "data=digits", "model=unet_tiny", "data.batch_size=8", "data.limit=64", "data.val_size=16", "trainer.max_steps=12",
+    "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+    "callbacks.sample_grid.n=4", "callbacks.sample_grid.nfe=2", "logger=csv", "seed=3",
+]
+
+
+def command(run_dir, *extra):
+    return [sys.executable, "-m", "fewstep.train", *RUN, f"hydra.run.dir={run_dir}", *extra]
+
+
+def environment():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
+
+
+def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    whole = subprocess.run(command(tmp_path / "whole"), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    # the same run, killed with SIGKILL once its first checkpoints exist; slow validations (a 200-NFE sample
+    # grid) leave time to kill it before the end
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        command(killed_dir, "callbacks.sample_grid.nfe=200"), cwd=tmp_path, env=environment(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while not (killed_dir / "checkpoints" / "step_0000004.ckpt").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    reached = read_checkpoint(latest_checkpoint(killed_dir / "checkpoints"))["global_step"]
+    assert 4 <= reached < 12  # killed mid-run
+
+    resumed = subprocess.run(command(killed_dir, "resume=auto"), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing from" in resumed.stdout
+    assert_same_training_state(
+        read_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt"),
+        read_checkpoint(killed_dir / "checkpoints" / "last.ckpt"),
+    )
+
+
+def test_resume_auto_without_a_checkpoint_starts_and_rejects_other_values(compose_cfg, tmp_path):
+    from fewstep.errors import ConfigError
+    from fewstep.train import resume_from
+
+    cfg = compose_cfg("train", ["resume=auto"])
+    assert resume_from(cfg) is None
+    with pytest.raises(ConfigError, match="resume=auto"):
+        resume_from(compose_cfg("train", ["resume=yes"]))
+
+
+def test_two_runs_with_one_seed_give_identical_weights_and_samples(compose_cfg, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = compose_cfg("train", [*RUN, "trainer.max_steps=4", f"paths.output_dir={tmp_path / name}"])
+        train(cfg)
+        runs.append(read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt"))
+    assert_same_training_state(*runs)
+    from fewstep.checkpoints import load_method
+
+    model = load_method(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    # sample i depends on seed i only: not on the batch it was drawn in
+    together, _, _ = generate(model, 6, "heun", 5, seed=10, batch_size=6)
+    apart, _, _ = generate(model, 6, "heun", 5, seed=10, batch_size=4)
+    alone, _, _ = generate(model, 1, "heun", 5, seed=13)
+    torch.testing.assert_close(together, apart, rtol=0, atol=1e-6)
+    torch.testing.assert_close(together[3:4], alone, rtol=0, atol=1e-6)
+
+
+def test_a_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(compose_cfg, tmp_path, monkeypatch):
+    loss = EDMTeacher.loss
+
+    def diverging(self, x0, class_labels, generator=None):
+        value = loss(self, x0, class_labels, generator)
+        return value * float("nan") if self.training and self.global_step >= 5 else value
+
+    monkeypatch.setattr(EDMTeacher, "loss", diverging)
+    cfg = compose_cfg("train", [*RUN, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5: training diverged.*last good checkpoint is .*step_0000004") as error:
+        train(cfg)
+    assert "\n" not in str(error.value)
+    last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert not list((tmp_path / "checkpoints").glob("step_0000006*"))
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(compose_cfg, tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: half written, then the disk is full
+            f.write(b"\x80\x02half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cfg = compose_cfg("train", [*RUN, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(CheckpointError, match=r"step_0000004.ckpt' \(No space left on device\); the previous checkpoint .*step_0000002.ckpt is intact") as error:
+        train(cfg)
+    assert "\n" not in str(error.value)
+    monkeypatch.setattr(torch, "save", save)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["last.ckpt", "step_0000002.ckpt"]  # no half-written file under any name
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_a_truncated_checkpoint_is_skipped_by_resume_auto_and_named_by_ckpt_path(compose_cfg, tmp_path):
+    cfg = compose_cfg("train", [*RUN, "trainer.max_steps=4", f"paths.output_dir={tmp_path}"])
+    train(cfg)
+    directory = tmp_path / "checkpoints"
+    newest = directory / "step_0000004.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated (last.ckpt links to it)
+    assert latest_checkpoint(directory) == directory / "step_0000002.ckpt"
+    bad = compose_cfg("train", [*RUN, "trainer.max_steps=6", f"paths.output_dir={tmp_path}", f"ckpt_path={newest}"])
+    with pytest.raises(CheckpointError, match="truncated or corrupted") as error:
+        train(bad)
+    assert "\n" not in str(error.value)
+    auto = compose_cfg("train", [*RUN, "trainer.max_steps=6", f"paths.output_dir={tmp_path}", "resume=auto"])
+    train(auto)
+    assert read_checkpoint(directory / "last.ckpt")["global_step"] == 6
+
+
+def test_resume_auto_continues_a_staged_pipeline_at_its_unfinished_stage(compose_cfg, tmp_path):
+    overrides = [
+        "method=progressive", "method.start_steps=4", "method.steps_per_round=4", *RUN, "trainer.val_check_interval=2",
+        f"paths.root={tmp_path}/outputs", "teacher.max_steps=2", f"paths.output_dir={tmp_path / 'run'}",
+    ]
+    train(compose_cfg("train", overrides))
+    stage1, stage2 = (tmp_path / "run" / name / "checkpoints" for name in ("stage1_2steps", "stage2_1steps"))
+    finished = {path: read_checkpoint(path / "last.ckpt") for path in (stage1, stage2)}
+    # as if the run had died in its second round, after that round's first checkpoint
+    (stage2 / "step_0000004.ckpt").unlink()
+    (stage2 / "last.ckpt").unlink()
+    (stage2 / "last.ckpt").symlink_to("step_0000002.ckpt")
+    stage1_mtime = (stage1 / "step_0000004.ckpt").stat().st_mtime
+    train(compose_cfg("train", [*overrides, "resume=auto"]))
+    assert (stage1 / "step_0000004.ckpt").stat().st_mtime == stage1_mtime  # the finished round is not trained again
+    for path, before in finished.items():
+        assert_same_training_state(before, read_checkpoint(path / "last.ckpt"))
