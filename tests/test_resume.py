@@ -16,7 +16,7 @@ from fewstep.generate import generate
 from fewstep.methods import EDMTeacher
 from fewstep.train import train
 
-from conftest import REPO, TINY
+from conftest import REPO
 
 # A tiny run with a checkpoint every 2 steps (what a real run does every val_check_interval steps).
 RUN = [

@@ -84,20 +84,11 @@ class DMD2(DistilledStudent):
     # -- grids ------------------------------------------------------------------------------------------------
     @property
     def teacher_steps(self) -> int:
-        return max(32, self.hparams.student_steps)
-
-    @property
-    def student_sigmas(self) -> torch.Tensor:
-        return self.grid(self.hparams.student_steps)
-
-    @property
-    def state_sigmas(self) -> torch.Tensor:
-        return self.student_sigmas[:-1]
+        """The teacher's rollout grid: the smallest multiple of the student's steps from 32 up (it contains theirs)."""
+        steps = self.hparams.student_steps
+        return steps * -(-32 // steps)
 
     # -- networks ---------------------------------------------------------------------------------------------
-    def denoiser(self, x, sigma, class_labels=None):
-        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
-
     def fake_denoiser(self, x, sigma, class_labels=None):
         return edm_denoise(self.fake_net, x, sigma, class_labels, self.hparams.sigma_data)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from fewstep.methods.student import DistilledStudent, ddim_step
-from fewstep.networks.preconditioning import edm_denoise
 
 
 def progressive_target(teacher_x0, x_t, sigma_t, sigma_mid, sigma_s) -> torch.Tensor:
@@ -40,17 +39,6 @@ class Progressive(DistilledStudent):
     @property
     def teacher_steps(self) -> int:
         return 2 * self.hparams.student_steps
-
-    @property
-    def student_sigmas(self) -> torch.Tensor:
-        return self.grid(self.hparams.student_steps)
-
-    @property
-    def state_sigmas(self) -> torch.Tensor:
-        return self.student_sigmas[:-1]
-
-    def denoiser(self, x, sigma, class_labels=None):
-        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
 
     def state_loss(self, x, k, class_labels, x0=None):
         student, teacher = self.student_sigmas, self.grid(self.teacher_steps)

@@ -22,6 +22,7 @@ from fewstep.checkpoints import ARCHITECTURE, first_difference
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights, draw_sources
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import GenerativeMethod, plain
+from fewstep.networks.preconditioning import edm_denoise
 from fewstep.samplers import SOLVERS
 from fewstep.samplers.grids import nested_sigmas
 
@@ -49,10 +50,10 @@ def level_index(sigma: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 class DistilledStudent(GenerativeMethod):
     """An EDM-space student of a frozen teacher denoiser (an edm_teacher run or an earlier student).
 
-    Subclasses define ``state_sigmas`` (levels of training states), ``student_sigmas`` (their sampling
-    grid, ending at 0), ``student_sampler`` (the solver that grid is made for), ``denoiser`` and
-    ``state_loss(x, k, labels, x0)``. ``teacher_steps`` is the teacher's grid for its rollouts (it must
-    contain ``state_sigmas``).
+    Subclasses define ``teacher_steps`` (the teacher's grid for its rollouts; it must contain
+    ``state_sigmas``), ``student_sampler`` (the solver the student's grid is made for) and
+    ``state_loss(x, k, labels, x0)``; by default the student is an EDM denoiser sampled on the nested
+    grid of ``student_steps`` and trained at its levels (consistency distillation overrides those).
     """
 
     student_sampler = "euler"
@@ -131,16 +132,21 @@ class DistilledStudent(GenerativeMethod):
         return nested_sigmas(steps, hp.sigma_min, hp.sigma_max, hp.rho).float().to(self.device)
 
     @property
-    def state_sigmas(self) -> torch.Tensor:
-        raise NotImplementedError
+    def student_sigmas(self) -> torch.Tensor:
+        """The student's sampling grid: the nested grid of its ``student_steps``."""
+        return self.grid(self.hparams.student_steps)
 
     @property
-    def student_sigmas(self) -> torch.Tensor:
-        raise NotImplementedError
+    def state_sigmas(self) -> torch.Tensor:
+        """The levels of training states: the student's own, without the final 0."""
+        return self.student_sigmas[:-1]
 
     @property
     def teacher_steps(self) -> int:
         raise NotImplementedError
+
+    def denoiser(self, x, sigma, class_labels=None):
+        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
 
     def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
         """Any diffusion sampler on ``denoiser``; by default on the nested grid the student was trained on."""
