@@ -176,7 +176,8 @@ def with_rollouts(cfg: DictConfig, datamodule):
     buffer = OmegaConf.to_container(ddil.get("buffer") or {}, resolve=True)
     rank = int(os.environ.get("RANK", 0))  # each rank its own buffers and draws
     data = datamodule.data if isinstance(datamodule, RolloutStates) else datamodule
-    return RolloutStates(data, **buffer, seed=int(cfg.get("seed") or 0) + rank)
+    sources = [source for source in SOURCES[1:] if float(ddil.get(f"b_{source}", 0.0)) > 0]  # no rollouts for weight 0
+    return RolloutStates(data, **buffer, sources=sources, seed=int(cfg.get("seed") or 0) + rank)
 
 
 def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:

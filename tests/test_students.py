@@ -388,3 +388,13 @@ def test_bad_ddil_settings_stop_the_run_in_one_line(compose_cfg, tmp_path, overr
     with pytest.raises(ConfigError, match=match) as error:
         train(cfg)
     assert "\n" not in str(error.value)
+
+
+def test_sources_of_weight_zero_get_no_rollout_buffer(compose_cfg, tmp_path):
+    from fewstep.data import Digits
+    from fewstep.distill import resolve_ddil, with_rollouts
+
+    cfg = resolve_ddil(compose_cfg("train", ["method=ddil", "ddil.b_teacher=0", *fit_overrides(tmp_path)]))
+    states = with_rollouts(cfg, Digits())
+    assert list(states.buffers) == ["student"] and isinstance(states.data, Digits)
+    assert with_rollouts(compose_cfg("train", ["method=progressive"]), "data") == "data"  # no DDIL: the data itself
