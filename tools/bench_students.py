@@ -1,6 +1,7 @@
 """FID and diversity of distilled students at 1, 2 and 4 steps beside their teacher at ~35 NFE.
 
     python tools/bench_students.py --teacher CKPT LABEL=RUN_DIR [LABEL=RUN_DIR ...] [--n 1000] [--out DIR]
+    python tools/bench_students.py --rows A/students.json B/students.json --out DIR   # one table from earlier runs
 
 Each RUN_DIR is a ``python -m fewstep.train method=...`` run of progressive, consistency, dmd2 or ddil:
 a staged run (progressive rounds ``stage<i>_<N>steps``) gives its N-step students at N in --steps, a
@@ -79,8 +80,9 @@ def figure(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
-    parser.add_argument("--teacher", type=Path, required=True, help="the teacher's checkpoint")
+    parser.add_argument("runs", nargs="*", help="LABEL=RUN_DIR")
+    parser.add_argument("--teacher", type=Path, default=None, help="the teacher's checkpoint (its rows come first)")
+    parser.add_argument("--rows", type=Path, nargs="*", default=[], help="students.json files of earlier runs to include")
     parser.add_argument("--teacher-samplers", default="heun:35,seeds3:34")
     parser.add_argument("--steps", default="1,2,4")
     parser.add_argument("--n", type=int, default=1000)
@@ -88,11 +90,11 @@ def main() -> None:
     args = parser.parse_args()
 
     steps = [int(s) for s in args.steps.split(",")]
-    jobs = [("teacher", args.teacher, *spec.split(":")) for spec in args.teacher_samplers.split(",")]
+    jobs = [("teacher", args.teacher, *spec.split(":")) for spec in args.teacher_samplers.split(",") if args.teacher]
     for item in args.runs:
         label, _, run = item.partition("=")
         jobs += jobs_of(label, Path(run), steps)
-    rows = []
+    rows = [row for path in args.rows for row in json.loads(path.read_text())]
     for i, (what, ckpt, sampler, nfe) in enumerate(jobs):
         rows.append({"what": what, **measure(ckpt, sampler, int(nfe), args.n, args.out / f"{i:02d}")})
     lines = [
