@@ -25,3 +25,12 @@ def save_grid(x: torch.Tensor, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(image_grid(x), path)
     return path
+
+
+def run_log_dir(trainer) -> Path:
+    """Where a run's logger writes (``trainer.log_dir`` without its broadcast, which would deadlock in
+    code that only rank zero runs under DDP)."""
+    for logger in trainer.loggers:
+        if getattr(logger, "log_dir", None):
+            return Path(logger.log_dir)
+    return Path(trainer.default_root_dir)

@@ -15,6 +15,7 @@ from rich.table import Table
 from fewstep.checkpoints import AtomicCheckpointIO, check_compatible, latest_checkpoint, read_checkpoint
 from fewstep.cli import check_overrides, user_errors
 from fewstep.errors import ConfigError
+from fewstep.images import run_log_dir
 
 
 def train(cfg: DictConfig) -> dict:
@@ -87,7 +88,7 @@ def report(trainer: L.Trainer, output_dir: Path, metrics: dict) -> None:
         table.add_row("checkpoints", str(trainer.checkpoint_callback.dirpath))
         if last.exists():
             table.add_row("sample it", f"python -m fewstep.sample ckpt={last}")
-    samples = sorted((Path(trainer.log_dir or output_dir) / "samples").glob("*.png"))
+    samples = sorted((run_log_dir(trainer) / "samples").glob("*.png"))
     if samples:
         table.add_row("latest samples", str(samples[-1]))
     if any(type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers):

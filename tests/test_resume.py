@@ -171,3 +171,19 @@ def test_resume_auto_continues_a_staged_pipeline_at_its_unfinished_stage(compose
     assert (stage1 / "step_0000004.ckpt").stat().st_mtime == stage1_mtime  # the finished round is not trained again
     for path, before in finished.items():
         assert_same_training_state(before, read_checkpoint(path / "last.ckpt"))
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+    def run(name, *extra):
+        result = subprocess.run(
+            command(tmp_path / name, "trainer.max_steps=4", "trainer.val_check_interval=4", *extra),
+            cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
+
+    one = run("one", "data.batch_size=8")
+    two = run("two", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp")  # gloo on CPU
+    assert one["global_step"] == two["global_step"] == 4
+    for key, value in one["state_dict"].items():  # the same data and noise; only the gradient sum's order differs
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from fewstep.images import image_grid, save_grid
+from fewstep.images import image_grid, run_log_dir, save_grid
 from fewstep.generate import generate
 
 
@@ -40,5 +38,4 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(f"samples/{self.sampler}_nfe{self.nfe}", image_grid(samples), step)
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        save_grid(samples, Path(log_dir) / "samples" / f"step_{step:07d}.png")
+        save_grid(samples, run_log_dir(trainer) / "samples" / f"step_{step:07d}.png")

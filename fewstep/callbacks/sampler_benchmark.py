@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from fewstep.errors import ConfigError
 from fewstep.generate import generate
-from fewstep.images import image_grid, to_uint8
+from fewstep.images import image_grid, run_log_dir, to_uint8
 from fewstep.metrics.score import check_metric, feature_extractor, reference_key, score
 from fewstep.report import figure, setting, tables
 from fewstep.samplers import check_solver
@@ -159,7 +159,7 @@ class SamplerBenchmark(L.Callback):
             scalars[f"benchmark/images_per_second/{tag}"] = row["images_per_second"]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "benchmark"
+        out = run_log_dir(trainer) / "benchmark"
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "results.jsonl", "a") as file:
             file.writelines(json.dumps(row) + "\n" for row in rows)

@@ -3,6 +3,7 @@ logging, and the denoiser interface that samplers and callbacks use."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep.errors import TrainingDiverged
-from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
+from fewstep.samplers import CountingDenoiser, SeededNoise, guided_denoiser, sample
 
 RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
 
@@ -81,6 +82,16 @@ class GenerativeMethod(L.LightningModule):
         x_T = noise.randn(tuple(self.hparams.data_shape))
         x = sample(counted, x_T, sampler, nfe, generator=noise, grid=grid or "karras", **options)
         return x, counted.nfe
+
+    def training_noise(self, n: int, device) -> SeededNoise:
+        """Noise for this step's ``n`` training samples, one generator per sample, seeded by the run's seed and the
+        sample's place in the stream of global batches: ``world`` ranks with batch n draw together exactly what
+        one process draws with batch world x n (and a resumed run what the uninterrupted one drew)."""
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        start = (self.global_step * world + rank) * n
+        base = int(os.environ.get("PL_GLOBAL_SEED", 0)) % 2**20 * 2**40  # the run's seed (seed_everything)
+        return SeededNoise([base + start + i for i in range(n)], device)
 
     # -- Lightning -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

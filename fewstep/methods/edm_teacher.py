@@ -21,8 +21,13 @@ class EDMTeacher(GenerativeMethod):
 
     def loss(self, x0, class_labels, generator=None):
         hp = self.hparams
-        sigma = edm_training_sigmas(x0.shape[0], hp.p_mean, hp.p_std, generator, x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        if generator is None and self._trainer is not None:  # per-sample noise, the same on any number of devices
+            seeded = self.training_noise(x0.shape[0], x0.device)
+            sigma = (hp.p_mean + hp.p_std * seeded.randn(())).exp()
+            noise = seeded.randn(tuple(x0.shape[1:]))
+        else:
+            sigma = edm_training_sigmas(x0.shape[0], hp.p_mean, hp.p_std, generator, x0.device)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         shape = (-1,) + (1,) * (x0.ndim - 1)
         denoised = self.denoiser(x0 + sigma.view(shape) * noise, sigma, class_labels)
         weight = edm_loss_weight(sigma, hp.sigma_data).view(shape)
