@@ -34,3 +34,18 @@ def test_class_coverage_of_uniform_and_collapsed_histograms():
     assert abs(uniform["class_entropy"] - 1) < 1e-9 and uniform["classes_covered"] == 1 and uniform["min_class_share"] == 1
     collapsed = class_coverage(torch.zeros(1000, dtype=torch.long), 10)
     assert collapsed["class_entropy"] == 0 and collapsed["classes_covered"] == 0.1 and collapsed["min_class_share"] == 0
+
+
+def test_a_domain_classifier_trained_on_too_few_images_is_flagged(tmp_path, monkeypatch):
+    import pytest
+
+    import fewstep.metrics.domain as domain
+    from fewstep.data import Digits
+    from fewstep.metrics.score import feature_extractor
+
+    class Poor:  # what a classifier trained on a few dozen images gives: near-chance held-out accuracy
+        accuracy = 0.2
+
+    monkeypatch.setattr(domain, "domain_features", lambda *args, **kwargs: Poor())
+    with pytest.warns(UserWarning, match="held-out accuracy .* use metric=fid"):
+        feature_extractor("fid_domain", Digits(limit=40, val_size=8), "Digits", tmp_path)

@@ -6,6 +6,7 @@ number for the same images.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from fewstep.errors import ConfigError
 
 METRICS = ("fid", "fid_domain", "kid")
+MIN_DOMAIN_ACCURACY = 0.5  # below it, a domain classifier's features are too poor for fid_domain to mean anything
 
 
 def check_metric(metric: str) -> None:
@@ -32,7 +34,15 @@ def feature_extractor(metric: str, datamodule, data_name: str, cache_dir: Path) 
 
     datamodule.setup()
     images, labels = (torch.stack(column) for column in zip(*(datamodule.train_set[i] for i in range(len(datamodule.train_set)))))
-    return domain_features(data_name, images, labels, datamodule.num_classes, cache_dir)
+    extractor = domain_features(data_name, images, labels, datamodule.num_classes, cache_dir)
+    if not extractor.accuracy >= MIN_DOMAIN_ACCURACY:
+        warnings.warn(
+            f"fid_domain: the domain classifier reaches {extractor.accuracy:.2f} held-out accuracy (trained on "
+            f"{len(images)} images), so its features and this FID mean little; train on more images (data.limit) "
+            "or use metric=fid",
+            stacklevel=2,
+        )
+    return extractor
 
 
 def reference_key(data_name: str, shape, metric: str, n_real: int) -> str:
