@@ -173,10 +173,11 @@ def test_resume_auto_continues_a_staged_pipeline_at_its_unfinished_stage(compose
         assert_same_training_state(before, read_checkpoint(path / "last.ckpt"))
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("method", ["edm_teacher", "flow_teacher"])
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, method):
     def run(name, *extra):
         result = subprocess.run(
-            command(tmp_path / name, "trainer.max_steps=4", "trainer.val_check_interval=4", *extra),
+            command(tmp_path / name, f"method={method}", "trainer.max_steps=4", "trainer.val_check_interval=4", *extra),
             cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600,
         )
         assert result.returncode == 0, result.stderr[-3000:]
