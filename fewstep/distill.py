@@ -149,7 +149,7 @@ def resolve_ddil(cfg: DictConfig) -> DictConfig:
         method = cfg.method[base]
         method.ddil = cfg.ddil
         cfg.method = method
-        sampler = {"name": "euler" if base == "progressive" else "consistency"}
+        sampler = {"name": get_class(method._target_).student_sampler}  # the solver the student's grid is made for
         cfg.sampler = sampler
         if cfg.get("callbacks") and cfg.callbacks.get("sample_grid"):
             cfg.callbacks.sample_grid.sampler = sampler

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -133,7 +134,8 @@ class GenerativeMethod(L.LightningModule):
         # What fewstep.checkpoints needs to rebuild this method from the file alone, and the random state,
         # so that a resumed run draws the noise the uninterrupted one would have drawn.
         cls = type(self)
-        checkpoint["fewstep"] = {"method_class": f"{cls.__module__}.{cls.__qualname__}", RNG_KEY: rng_states()}
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # never initialise CUDA just for this
+        checkpoint["fewstep"] = {"method_class": f"{cls.__module__}.{cls.__qualname__}", RNG_KEY: _collect_rng_states(cuda)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resumed_rng = checkpoint.get("fewstep", {}).get(RNG_KEY)
@@ -142,29 +144,6 @@ class GenerativeMethod(L.LightningModule):
         # after the checkpoint and the dataloaders: nothing else draws from the generators before the first step
         states = getattr(self, "_resumed_rng", None)
         if states is not None:
-            set_rng_states(states)
+            _set_rng_states(states)
             self._resumed_rng = None
 
-
-def rng_states() -> dict:
-    """torch's (CPU and CUDA), numpy's and Python's global generator states."""
-    import random
-
-    import numpy as np
-
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -12,8 +12,10 @@ from fewstep.errors import ConfigError
 from fewstep.methods.base import plain
 from fewstep.methods.student import DistilledStudent
 from fewstep.networks.discriminators import Head, encoder_features
+from fewstep.networks.freezing import no_param_grads
 from fewstep.networks.preconditioning import edm_coefficients, edm_denoise
 from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
+from fewstep.samplers.grids import karras_warp
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 5e-5, "betas": [0.0, 0.99]}
 
@@ -119,9 +121,7 @@ class DMD2(DistilledStudent):
     def dm_sigmas(self, n: int, device) -> torch.Tensor:
         hp = self.hparams
         lo, hi = (float(u) for u in hp.dm_range)
-        u = lo + (hi - lo) * torch.rand(n, device=device)
-        inv_max, inv_min = hp.sigma_max ** (1 / hp.rho), hp.sigma_min ** (1 / hp.rho)
-        return (inv_max + u * (inv_min - inv_max)) ** hp.rho
+        return karras_warp(lo + (hi - lo) * torch.rand(n, device=device), hp.sigma_min, hp.sigma_max, hp.rho)
 
     # -- losses -----------------------------------------------------------------------------------------------
     def critic_loss(self, fake: torch.Tensor, x_real: torch.Tensor, class_labels) -> dict[str, torch.Tensor]:
@@ -154,14 +154,8 @@ class DMD2(DistilledStudent):
         out = {"dm": distribution_matching_loss(fake, grad)}
         out["loss"] = out["dm"]
         if self.gan and hp.gan_weight > 0:
-            params = [p for p in (*self.fake_net.parameters(), *self.head.parameters()) if p.requires_grad]
-            for p in params:
-                p.requires_grad_(False)
-            try:
+            with no_param_grads(self.fake_net), no_param_grads(self.head):
                 out["gan"] = F.softplus(-self.gan_logits(noisy, sigma, class_labels)).mean()
-            finally:
-                for p in params:
-                    p.requires_grad_(True)
             out["loss"] = out["loss"] + hp.gan_weight * out["gan"]
         return out
 

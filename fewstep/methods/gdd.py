@@ -8,12 +8,9 @@ regression target). GDD-I (``freeze``) keeps most convolutions frozen at the tea
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 from torch.nn import functional as F
 
 from fewstep.checkpoints import ARCHITECTURE, first_difference
@@ -21,6 +18,7 @@ from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import GenerativeMethod, plain
 from fewstep.networks.discriminators import build_discriminator
 from fewstep.networks.freezing import freeze as freeze_layers
+from fewstep.networks.freezing import no_param_grads
 from fewstep.networks.preconditioning import shifted_edm_denoise
 from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
 
@@ -57,19 +55,6 @@ def moment_gap(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     mean = (fake.mean(0) - real.mean(0)).square().mean()
     std = (fake.std(0, correction=0) - real.std(0, correction=0)).square().mean()
     return mean + std
-
-
-@contextlib.contextmanager
-def no_param_grads(module: nn.Module):
-    """Parameters of ``module`` that require grad stop doing so inside the block (inputs still get gradients)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def double_backward_attention():

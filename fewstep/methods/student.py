@@ -23,7 +23,7 @@ from fewstep.data.rollout import SOURCES, RolloutStates, check_weights, draw_sou
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import GenerativeMethod, plain
 from fewstep.networks.preconditioning import edm_denoise
-from fewstep.samplers import SOLVERS
+from fewstep.samplers import SOLVERS, guided_denoiser
 from fewstep.samplers.grids import nested_sigmas
 
 TEACHER_HPARAMS = (*ARCHITECTURE, "sigma_data")
@@ -112,17 +112,11 @@ class DistilledStudent(GenerativeMethod):
     def teacher_denoise(self, x, sigma, class_labels=None, guidance=None) -> torch.Tensor:
         """The teacher's x0 prediction, with classifier-free guidance (1 + w) D(.|y) - w D(.|empty) when
         conditional (w a float or one per sample; default ``guidance``), reflected to the data range under DDIL."""
-        teacher = self.teacher
         w = self.hparams.guidance if guidance is None else guidance
-        w = torch.as_tensor(w, dtype=x.dtype, device=x.device)
-        if class_labels is None or not torch.any(w != 0):
-            denoised = teacher.denoiser(x, sigma, class_labels)
+        if class_labels is None:
+            denoised = self.teacher.denoiser(x, sigma, None)
         else:
-            null = torch.full_like(class_labels, self.null_label)
-            both = teacher.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([class_labels, null]))
-            cond, uncond = both.chunk(2)
-            w = w.expand(x.shape[0]).view((-1,) + (1,) * (x.ndim - 1))
-            denoised = (1 + w) * cond - w * uncond
+            denoised = guided_denoiser(self.teacher.denoiser, w, class_labels, self.null_label)(x, sigma)
         return reflect(denoised) if self.reflecting else denoised
 
     # -- grids ------------------------------------------------------------------------------------------------
@@ -160,11 +154,12 @@ class DistilledStudent(GenerativeMethod):
         """States without DDIL (x, k): forward-diffused data (``forward_states``) unless a subclass says otherwise."""
         return self.forward_states(x0)
 
-    def forward_states(self, x0):
+    def forward_states(self, x0, generator: torch.Generator | None = None):
         """x0 + sigma_k n at uniformly drawn levels k: (x, k)."""
         levels = self.state_sigmas
-        k = torch.randint(len(levels), (x0.shape[0],), device=x0.device)
-        return x0 + levels[k].view((-1,) + (1,) * (x0.ndim - 1)) * torch.randn_like(x0), k
+        k = torch.randint(len(levels), (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        return x0 + levels[k].view((-1,) + (1,) * (x0.ndim - 1)) * noise, k
 
     def training_states(self, x0, class_labels):
         """(x, k, labels): the states of this batch, mixed from DDIL's three sources when it is on."""
@@ -238,10 +233,7 @@ class DistilledStudent(GenerativeMethod):
         if self.teacher is None:
             raise ConfigError(f"{type(self).__name__.lower()} has no teacher: call attach_teacher(teacher) first")
         if generator is not None:  # validation: fixed forward-diffused states, comparable across steps
-            levels = self.state_sigmas
-            k = torch.randint(len(levels), (x0.shape[0],), generator=generator, device=x0.device)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-            x = x0 + levels[k].view((-1,) + (1,) * (x0.ndim - 1)) * noise
+            x, k = self.forward_states(x0, generator)
             return self.state_loss(x, k, class_labels, x0)
         x, k, class_labels = self.training_states(x0, class_labels)
         return self.state_loss(x, k, class_labels, x0)

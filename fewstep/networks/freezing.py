@@ -22,6 +22,8 @@ the network's parameters actually frozen.
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from fewstep.errors import ConfigError
@@ -98,3 +100,16 @@ def freeze(net: nn.Module, level: int = 0, ratio: float | None = None, resamplin
 def frozen_names(net: nn.Module) -> set[str]:
     """Names of the parameters of ``net`` that are frozen."""
     return {name for name, p in net.named_parameters() if not p.requires_grad}
+
+
+@contextlib.contextmanager
+def no_param_grads(module: nn.Module):
+    """Parameters of ``module`` that require grad stop doing so inside the block (inputs still get gradients)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -7,13 +7,17 @@ import math
 import torch
 
 
+def karras_warp(u: torch.Tensor, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM's noise level at u in [0, 1]: (sigma_max^(1/rho) + u (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (inv_rho_max + u * (inv_rho_min - inv_rho_max)) ** rho
+
+
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """EDM (Karras et al. 2022, eq. 5): n levels from sigma_max to sigma_min uniform in sigma^(1/rho), then 0."""
     if n == 1:
         return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+    sigmas = karras_warp(torch.linspace(0, 1, n, dtype=torch.float64), sigma_min, sigma_max, rho)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
@@ -35,9 +39,7 @@ def nested_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
 
     The level u = 1 (sigma_min) is replaced by the final 0, so the last step lands on the data prediction.
     """
-    ramp = torch.arange(n, dtype=torch.float64) / n
-    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+    sigmas = karras_warp(torch.arange(n, dtype=torch.float64) / n, sigma_min, sigma_max, rho)
     sigmas[0] = sigma_max
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 

@@ -10,22 +10,25 @@ from fewstep.errors import ConfigError
 
 
 def guided_denoiser(
-    denoiser: Callable[..., torch.Tensor], scale: float, class_labels: torch.Tensor, null_label: int
+    denoiser: Callable[..., torch.Tensor], scale, class_labels: torch.Tensor, null_label: int
 ) -> Callable[..., torch.Tensor]:
     """D_w = (1 + w) D(x, sigma | y) - w D(x, sigma | empty); one batched call for both.
 
-    w = 0 is the plain conditional denoiser (and costs one conditional call only).
+    ``scale`` w is a float or one per sample (a tensor [batch]). w = 0 is the plain conditional denoiser
+    (and costs one conditional call only).
     """
-    if scale < 0:
+    w = torch.as_tensor(scale, dtype=torch.float32)
+    if (w < 0).any():
         raise ConfigError(f"guidance scale w={scale} is negative: use w >= 0 (0 is the plain conditional model)")
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if scale == 0:
+        if not (w != 0).any():
             return denoiser(x, sigma, class_labels=class_labels)
         labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
         both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=labels)
         cond, uncond = both.chunk(2)
-        return (1 + scale) * cond - scale * uncond
+        scale_ = w.to(cond).view((-1,) + (1,) * (cond.ndim - 1)) if w.ndim else float(w)
+        return (1 + scale_) * cond - scale_ * uncond
 
     return guided
 
