@@ -10,7 +10,7 @@ from fewstep.checkpoints import load_method
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.evaluate import training_config
 from fewstep.generate import generate
-from fewstep.methods import KacEndpoint, KacTeacher
+from fewstep.methods import BatchNoise, KacEndpoint, KacTeacher
 from fewstep.methods.kac_endpoint import check_stages
 from fewstep.samplers import CountingDenoiser, guided_velocity, sample_kac
 from fewstep.samplers.kac import KAC_SOLVERS, uniform_times
@@ -96,7 +96,7 @@ def test_velocity_guidance():
 def test_kac_teacher_loss_and_samples_stay_in_the_cone():
     teacher = kac_model(a=4.0, c=2.0, T=0.5)
     x0 = torch.rand(64, 2) * 2 - 1
-    loss = teacher.loss(x0, None, generator=torch.Generator().manual_seed(0))
+    loss = teacher.loss(x0, None, BatchNoise(64, "cpu", torch.Generator().manual_seed(0)))
     assert torch.isfinite(loss) and loss > 0
     samples, labels, nfe = generate(teacher, 8, "kac_ab2", 5)
     assert samples.shape == (8, 2) and labels is None and nfe == 5
@@ -122,7 +122,7 @@ def test_endpoint_loss_against_its_closed_form():
     object.__setattr__(teacher, "velocity", lambda x, t, y=None: lam * x)
     object.__setattr__(student, "velocity", lambda x, t, y=None: mu * x)
     x0 = torch.randn(256, 2)
-    loss = student.loss(x0, None, generator=torch.Generator().manual_seed(1))
+    loss = student.loss(x0, None, BatchNoise(256, "cpu", torch.Generator().manual_seed(1)))
     # the same draws of t_k and x_t as the loss made
     generator = torch.Generator().manual_seed(1)
     k = torch.randint(0, 4, (256,), generator=generator)

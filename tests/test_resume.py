@@ -103,8 +103,8 @@ def test_two_runs_with_one_seed_give_identical_weights_and_samples(compose_cfg, 
 def test_a_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(compose_cfg, tmp_path, monkeypatch):
     loss = EDMTeacher.loss
 
-    def diverging(self, x0, class_labels, generator=None):
-        value = loss(self, x0, class_labels, generator)
+    def diverging(self, x0, class_labels, rng):
+        value = loss(self, x0, class_labels, rng)
         return value * float("nan") if self.training and self.global_step >= 5 else value
 
     monkeypatch.setattr(EDMTeacher, "loss", diverging)
@@ -173,7 +173,7 @@ def test_resume_auto_continues_a_staged_pipeline_at_its_unfinished_stage(compose
         assert_same_training_state(before, read_checkpoint(path / "last.ckpt"))
 
 
-@pytest.mark.parametrize("method", ["edm_teacher", "flow_teacher"])
+@pytest.mark.parametrize("method", ["edm_teacher", "flow_teacher", "kac_teacher"])
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, method):
     def run(name, *extra):
         result = subprocess.run(

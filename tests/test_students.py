@@ -8,7 +8,7 @@ from fewstep.data import Gaussian
 from fewstep.data.rollout import RolloutBuffer, RolloutStates, check_weights, draw_sources
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.generate import generate
-from fewstep.methods import DMD2, Consistency, EDMTeacher, KacTeacher, Progressive
+from fewstep.methods import DMD2, BatchNoise, Consistency, EDMTeacher, KacTeacher, Progressive
 from fewstep.methods.dmd2 import distribution_matching_grad, distribution_matching_loss
 from fewstep.methods.progressive import halving_stages, progressive_target
 from fewstep.methods.student import ddim_step
@@ -105,8 +105,7 @@ def test_progressive_target_makes_one_student_ddim_step_equal_two_teacher_steps_
 def test_a_progressive_student_that_outputs_the_target_has_zero_loss_and_samples_in_its_own_steps():
     method = student(Progressive, student_steps=2)
     x0 = torch.randn(4, *SHAPE)
-    generator = torch.Generator().manual_seed(0)
-    loss = method.loss(x0, None, generator=generator)
+    loss = method.loss(x0, None, BatchNoise(4, "cpu", torch.Generator().manual_seed(0)))
     assert loss > 0
     # a student identical to its teacher's two-step map: replace its denoiser by the target it is trained on
     levels, fine = method.student_sigmas, method.grid(4)
@@ -114,7 +113,7 @@ def test_a_progressive_student_that_outputs_the_target_has_zero_loss_and_samples
     k = torch.zeros(4, dtype=torch.long)
     target = progressive_target(method.teacher_denoise, x, levels[k], fine[2 * k + 1], levels[k + 1])
     method.denoiser = lambda x_, sigma_, labels=None: target
-    assert method.state_loss(x, k, None) == 0
+    assert method.state_loss(x, k, None, BatchNoise(4, "cpu")) == 0
     del method.denoiser
     samples, _, nfe = generate(method, 3, "euler", 2)
     assert nfe == 2 and samples.shape == (3, *SHAPE)
@@ -147,7 +146,7 @@ def test_consistency_loss_at_the_last_level_targets_the_teachers_ddim_step_exact
     x = levels[7] * torch.randn(3, *SHAPE)
     step = ddim_step(x, method.teacher_denoise(x, levels[k]), levels[k], levels[8].expand(3))
     expected = ((method.denoiser(x, levels[k]) - step) ** 2).flatten(1).mean(1).mean()
-    torch.testing.assert_close(method.state_loss(x, k, None), expected)
+    torch.testing.assert_close(method.state_loss(x, k, None, BatchNoise(3, "cpu")), expected)
 
 
 def test_consistency_target_network_is_an_ema_of_the_student():
@@ -169,7 +168,7 @@ def test_guided_consistency_student_takes_w_as_an_embedding_that_starts_at_zero(
     sigma = torch.full((4,), 2.0)
     # at initialisation the w embedding adds nothing: every w gives the same output
     torch.testing.assert_close(method.denoiser(x, sigma, labels, torch.full((4,), 3.0)), method.denoiser(x, sigma, labels, torch.zeros(4)))
-    loss = method.state_loss(x, torch.zeros(4, dtype=torch.long), labels)
+    loss = method.state_loss(x, torch.zeros(4, dtype=torch.long), labels, BatchNoise(4, "cpu"))
     loss.backward()
     assert method.net.embed.guidance[1].weight.grad.abs().sum() > 0  # w reaches the network
     samples, _, nfe = generate(method, 4, "consistency", 2, guidance=2.0)
@@ -193,19 +192,18 @@ def test_distribution_matching_gradient_is_zero_when_the_fake_score_equals_the_r
 def test_dmd2_generator_loss_vanishes_while_its_critic_equals_the_teacher():
     method = student(DMD2, gan_weight=0.0, critic_gan_weight=0.0)
     fake = method.denoiser(80 * torch.randn(4, *SHAPE), torch.full((4,), 80.0))
-    loss = method.generator_loss(fake, None)["dm"]
+    loss = method.generator_loss(fake, None, BatchNoise(len(fake), "cpu"))["dm"]
     assert loss == 0  # fake_net starts as the teacher's copy: D_fake = D_real
     with torch.no_grad():
         for p in method.fake_net.parameters():
             p.add_(0.1)
-    assert method.generator_loss(fake, None)["dm"] > 0
+    assert method.generator_loss(fake, None, BatchNoise(len(fake), "cpu"))["dm"] > 0
 
 
 def test_dmd2_backward_simulation_starts_at_noise_and_uses_the_generators_own_steps():
     method = student(DMD2, student_steps=4)
     x0 = torch.zeros(256, *SHAPE)
-    torch.manual_seed(0)
-    states, k = method.default_states(x0, None)
+    states, k = method.default_states(x0, None, BatchNoise(256, "cpu", torch.Generator().manual_seed(0)))
     levels = method.state_sigmas
     assert set(k.tolist()) == {0, 1, 2, 3}
     for level in range(4):  # x = x0_hat + sigma_k z, so the spread is about sigma_k around data-range values

@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 
 from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.errors import CheckpointError
+from fewstep.methods import BatchNoise
 from fewstep.train import train
 
 from conftest import TINY, run_module
@@ -29,9 +30,9 @@ def exact_validation_loss(cfg, batches: int) -> float:
     mixture = datamodule.mixture.float()
     method.denoiser = lambda x, sigma, class_labels=None: mixture.denoiser(x, sigma)
     datamodule.setup("fit")
-    # the same fixed noise as GenerativeMethod.validation_step: a generator seeded by the batch index
+    # the same fixed noise as GenerativeMethod.validation_step: seeded by the batch index
     losses = [
-        method.loss(x0, None, generator=torch.Generator().manual_seed(i))
+        method.loss(x0, None, BatchNoise.fixed(i, len(x0), x0.device))
         for i, (x0, _) in zip(range(batches), datamodule.val_dataloader())
     ]
     return float(torch.stack(losses).mean())

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
 from fewstep.cli import CONF_DIR
+from fewstep.methods import BatchNoise
 
 
 class StopWatch(L.Callback):
@@ -65,7 +66,8 @@ def bare_loop(cfg, steps: int, warmup: int) -> float:
         except StopIteration:
             batches = iter(loader)
             x0, y = next(batches)
-        loss = method.loss(x0, method.training_labels(y))
+        rng = BatchNoise(len(x0), x0.device)  # torch's global generator, as the Lightning loop's own draws cost the same
+        loss = method.loss(x0, method.training_labels(y, rng), rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -85,7 +85,8 @@ def check_weights(weights: Sequence[float]) -> torch.Tensor:
 
 def draw_sources(weights: Sequence[float], n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """The source of each of ``n`` training states (0 fwd, 1 teacher, 2 student), i.i.d. with the given weights."""
-    return torch.multinomial(check_weights(weights).float(), n, replacement=True, generator=generator)
+    device = generator.device if generator is not None else "cpu"
+    return torch.multinomial(check_weights(weights).float().to(device), n, replacement=True, generator=generator)
 
 
 class RolloutStates(L.LightningDataModule):

@@ -8,6 +8,7 @@ from fewstep.methods.flow_teacher import FlowTeacher
 from fewstep.methods.gdd import GDD
 from fewstep.methods.kac_endpoint import KacEndpoint
 from fewstep.methods.kac_teacher import KacTeacher
+from fewstep.methods.noise import BatchNoise
 from fewstep.methods.progressive import Progressive
 
 METHODS = {
@@ -24,6 +25,6 @@ METHODS = {
 }
 
 __all__ = [
-    "METHODS", "GenerativeMethod", "Consistency", "DMD2", "EDMTeacher", "FlowTeacher", "GDD", "KacEndpoint", "KacTeacher",
+    "METHODS", "BatchNoise", "GenerativeMethod", "Consistency", "DMD2", "EDMTeacher", "FlowTeacher", "GDD", "KacEndpoint", "KacTeacher",
     "Progressive",
 ]

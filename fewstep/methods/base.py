@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep.errors import TrainingDiverged
-from fewstep.samplers import CountingDenoiser, SeededNoise, guided_denoiser, sample
+from fewstep.methods.noise import BatchNoise
+from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
 
 RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
 
@@ -55,15 +56,16 @@ class GenerativeMethod(L.LightningModule):
         """The class index that means "no label" (classifier-free guidance)."""
         return self.num_classes
 
-    def training_labels(self, y: torch.Tensor) -> torch.Tensor | None:
+    def training_labels(self, y: torch.Tensor, rng: BatchNoise) -> torch.Tensor | None:
         """Class labels with label dropout applied, or None for an unconditional method."""
         if not self.num_classes:
             return None
-        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
+        drop = rng.rand() < self.hparams.label_dropout
         return torch.where(drop, torch.full_like(y, self.null_label), y)
 
     # -- interface for subclasses ----------------------------------------------------------
-    def loss(self, x0: torch.Tensor, class_labels: torch.Tensor | None, generator=None) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, class_labels: torch.Tensor | None, rng: BatchNoise) -> torch.Tensor:
+        """The loss of the batch ``x0``, all its randomness drawn from ``rng`` (``BatchNoise(n, device)``: torch's)."""
         raise NotImplementedError
 
     def denoiser(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,20 +86,21 @@ class GenerativeMethod(L.LightningModule):
         x = sample(counted, x_T, sampler, nfe, generator=noise, grid=grid or "karras", **options)
         return x, counted.nfe
 
-    def training_noise(self, n: int, device) -> SeededNoise:
-        """Noise for this step's ``n`` training samples, one generator per sample, seeded by the run's seed and the
-        sample's place in the stream of global batches: ``world`` ranks with batch n draw together exactly what
-        one process draws with batch world x n (and a resumed run what the uninterrupted one drew)."""
+    def step_rng(self, n: int, device, batch_idx: int = 0) -> BatchNoise:
+        """This training step's randomness for ``n`` samples per rank, seeded by the run's seed (seed_everything), the
+        step and the micro-batch: the same on any number of devices, and again after a resume."""
         trainer = self._trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        start = (self.global_step * world + rank) * n
-        base = int(os.environ.get("PL_GLOBAL_SEED", 0)) % 2**20 * 2**40  # the run's seed (seed_everything)
-        return SeededNoise([base + start + i for i in range(n)], device)
+        if trainer is None:
+            return BatchNoise(n, device)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        micro_batch = batch_idx % trainer.accumulate_grad_batches
+        return BatchNoise.for_step(seed, self.global_step, n, device, trainer.global_rank, trainer.world_size, micro_batch)
 
     # -- Lightning -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x0, y = batch
-        loss = self.loss(x0, self.training_labels(y))
+        rng = self.step_rng(x0.shape[0], x0.device, batch_idx)
+        loss = self.loss(x0, self.training_labels(y, rng), rng)
         self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -117,9 +120,8 @@ class GenerativeMethod(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         # Fixed noise per validation batch, so the validation loss is comparable across steps.
         x0, y = batch
-        generator = torch.Generator(x0.device).manual_seed(batch_idx)
         labels = y if self.num_classes else None
-        loss = self.loss(x0, labels, generator=generator)
+        loss = self.loss(x0, labels, BatchNoise.fixed(batch_idx, x0.shape[0], x0.device))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 

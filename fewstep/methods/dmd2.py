@@ -106,47 +106,47 @@ class DMD2(DistilledStudent):
 
     # -- training states: backward simulation -----------------------------------------------------------------
     @torch.no_grad()
-    def default_states(self, x0, class_labels):
+    def default_states(self, x0, class_labels, rng):
         """The generator's own backward simulation: from sigma_0 z, k steps of x0 = G(x), x = x0 + sigma_{i+1} z."""
         levels = self.state_sigmas
         n = x0.shape[0]
-        k = torch.randint(len(levels), (n,), device=x0.device)
-        x = levels[0] * torch.randn_like(x0)
+        k = rng.randint(len(levels)).to(x0.device)
+        x = levels[0] * rng.randn_like(x0)
         states = x.clone()
-        for i in range(1, int(k.max()) + 1):
-            x = self.denoiser(x, levels[i - 1].expand(n), class_labels) + levels[i] * torch.randn_like(x0)
+        for i in range(1, len(levels)):  # every level, whatever this rank's k: each rank makes the same draws
+            x = self.denoiser(x, levels[i - 1].expand(n), class_labels) + levels[i] * rng.randn_like(x0)
             states[k == i] = x[k == i]
         return states, k
 
-    def dm_sigmas(self, n: int, device) -> torch.Tensor:
+    def dm_sigmas(self, rng) -> torch.Tensor:
         hp = self.hparams
         lo, hi = (float(u) for u in hp.dm_range)
-        return karras_warp(lo + (hi - lo) * torch.rand(n, device=device), hp.sigma_min, hp.sigma_max, hp.rho)
+        return karras_warp(lo + (hi - lo) * rng.rand(), hp.sigma_min, hp.sigma_max, hp.rho)
 
     # -- losses -----------------------------------------------------------------------------------------------
-    def critic_loss(self, fake: torch.Tensor, x_real: torch.Tensor, class_labels) -> dict[str, torch.Tensor]:
+    def critic_loss(self, fake: torch.Tensor, x_real: torch.Tensor, class_labels, rng) -> dict[str, torch.Tensor]:
         """Denoising loss of the fake score on generator outputs (EDM weighting) [+ the GAN head's loss]."""
         hp = self.hparams
         shape = (-1,) + (1,) * (fake.ndim - 1)
-        sigma = edm_training_sigmas(fake.shape[0], hp.p_mean, hp.p_std, device=fake.device)
-        noisy = fake + sigma.view(shape) * torch.randn_like(fake)
+        sigma = rng.draw(lambda total, generator: edm_training_sigmas(total, hp.p_mean, hp.p_std, generator, fake.device))
+        noisy = fake + sigma.view(shape) * rng.randn_like(fake)
         weight = edm_loss_weight(sigma, hp.sigma_data).view(shape)
         out = {"denoise": (weight * (self.fake_denoiser(noisy, sigma, class_labels) - fake) ** 2).mean()}
         out["loss"] = out["denoise"]
         if self.gan and hp.critic_gan_weight > 0:
-            sigma = self.dm_sigmas(fake.shape[0], fake.device)
-            logits_fake = self.gan_logits(fake + sigma.view(shape) * torch.randn_like(fake), sigma, class_labels)
-            logits_real = self.gan_logits(x_real + sigma.view(shape) * torch.randn_like(x_real), sigma, class_labels)
+            sigma = self.dm_sigmas(rng).to(fake.device)
+            logits_fake = self.gan_logits(fake + sigma.view(shape) * rng.randn_like(fake), sigma, class_labels)
+            logits_real = self.gan_logits(x_real + sigma.view(shape) * rng.randn_like(x_real), sigma, class_labels)
             out["gan"] = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
             out["loss"] = out["loss"] + hp.critic_gan_weight * out["gan"]
         return out
 
-    def generator_loss(self, fake: torch.Tensor, class_labels) -> dict[str, torch.Tensor]:
+    def generator_loss(self, fake: torch.Tensor, class_labels, rng) -> dict[str, torch.Tensor]:
         """L_DM at sigma(u), plus gan_weight * softplus(-D(G)) on the critic's head."""
         hp = self.hparams
         shape = (-1,) + (1,) * (fake.ndim - 1)
-        sigma = self.dm_sigmas(fake.shape[0], fake.device)
-        noisy = fake + sigma.view(shape) * torch.randn_like(fake)
+        sigma = self.dm_sigmas(rng).to(fake.device)
+        noisy = fake + sigma.view(shape) * rng.randn_like(fake)
         with torch.no_grad():
             real = self.teacher_denoise(noisy, sigma, class_labels)
             fake_x0 = self.fake_denoiser(noisy, sigma, class_labels)
@@ -164,22 +164,23 @@ class DMD2(DistilledStudent):
 
     def training_step(self, batch, batch_idx):
         x_real, y = batch
-        labels = self.training_labels(y)
+        rng = self.step_rng(x_real.shape[0], x_real.device, batch_idx)
+        labels = self.training_labels(y, rng)
         opt_g, opt_c = self.optimizers()
-        x, k, labels = self.training_states(x_real, labels)
+        x, k, labels = self.training_states(x_real, labels, rng)
         sigma = self.state_sigmas[k]
 
         for _ in range(self.hparams.critic_steps):  # not counted in global_step
             with torch.no_grad():
                 fake = self.student_x0(x, sigma, labels)
-            c = self.critic_loss(fake, x_real, labels)
+            c = self.critic_loss(fake, x_real, labels, rng)
             self.check_finite(c["loss"], "critic")
             opt_c.zero_grad(set_to_none=True)
             self.manual_backward(c["loss"])
             self.trainer.strategy.optimizer_step(opt_c.optimizer, closure=lambda: None)
 
         fake = self.student_x0(x, sigma, labels)
-        g = self.generator_loss(fake, labels)
+        g = self.generator_loss(fake, labels, rng)
         self.check_finite(g["loss"], "generator")
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(g["loss"])
@@ -193,10 +194,10 @@ class DMD2(DistilledStudent):
         if "gan" in c:
             self.log("train/loss_gan_critic", c["gan"].detach())
 
-    def state_loss(self, x, k, class_labels, x0=None):
+    def state_loss(self, x, k, class_labels, rng):
         """Validation: the distribution-matching loss of the generator's outputs at these states."""
         fake = self.student_x0(x, self.state_sigmas[k], class_labels)
-        return self.generator_loss(fake, class_labels)["dm"].detach()
+        return self.generator_loss(fake, class_labels, rng)["dm"].detach()
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from fewstep.methods.base import GenerativeMethod
 from fewstep.networks.preconditioning import edm_denoise
@@ -19,15 +18,10 @@ class EDMTeacher(GenerativeMethod):
     def denoiser(self, x, sigma, class_labels=None):
         return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
 
-    def loss(self, x0, class_labels, generator=None):
+    def loss(self, x0, class_labels, rng):
         hp = self.hparams
-        if generator is None and self._trainer is not None:  # per-sample noise, the same on any number of devices
-            seeded = self.training_noise(x0.shape[0], x0.device)
-            sigma = (hp.p_mean + hp.p_std * seeded.randn(())).exp()
-            noise = seeded.randn(tuple(x0.shape[1:]))
-        else:
-            sigma = edm_training_sigmas(x0.shape[0], hp.p_mean, hp.p_std, generator, x0.device)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        sigma = rng.draw(lambda total, g: edm_training_sigmas(total, hp.p_mean, hp.p_std, g, x0.device))
+        noise = rng.randn_like(x0)
         shape = (-1,) + (1,) * (x0.ndim - 1)
         denoised = self.denoiser(x0 + sigma.view(shape) * noise, sigma, class_labels)
         weight = edm_loss_weight(sigma, hp.sigma_data).view(shape)

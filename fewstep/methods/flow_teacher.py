@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from fewstep.methods.base import GenerativeMethod
 from fewstep.processes import flow
@@ -21,14 +20,9 @@ class FlowTeacher(GenerativeMethod):
     def denoiser(self, x, sigma, class_labels=None):
         return flow.denoiser_from_velocity(self.velocity)(x, sigma, class_labels=class_labels)
 
-    def loss(self, x0, class_labels, generator=None):
+    def loss(self, x0, class_labels, rng):
         hp = self.hparams
-        if generator is None and self._trainer is not None:  # per-sample noise, the same on any number of devices
-            seeded = self.training_noise(x0.shape[0], x0.device)
-            t = torch.sigmoid(hp.t_mean + hp.t_std * seeded.randn(()))
-            noise = seeded.randn(tuple(x0.shape[1:]))
-        else:
-            t = flow.logit_normal_times(x0.shape[0], hp.t_mean, hp.t_std, generator, x0.device)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        t = rng.draw(lambda total, g: flow.logit_normal_times(total, hp.t_mean, hp.t_std, g, x0.device))
+        noise = rng.randn_like(x0)
         predicted = self.velocity(flow.interpolate(x0, noise, t), t, class_labels)
         return ((predicted - flow.velocity_target(x0, noise)) ** 2).mean()

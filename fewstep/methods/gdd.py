@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from fewstep.checkpoints import ARCHITECTURE, first_difference
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import GenerativeMethod, plain
+from fewstep.methods.noise import BatchNoise
 from fewstep.networks.discriminators import build_discriminator
 from fewstep.networks.freezing import freeze as freeze_layers
 from fewstep.networks.freezing import no_param_grads
@@ -208,13 +209,14 @@ class GDD(GenerativeMethod):
 
     def training_step(self, batch, batch_idx):
         x_real, y = batch
-        labels = self.training_labels(y)
+        rng = self.step_rng(x_real.shape[0], x_real.device, batch_idx)
+        labels = self.training_labels(y, rng)
         opt_g, opt_d = self.optimizers()
         apply_r1 = self.r1_due(self.global_step)
 
         # discriminator step (not counted in global_step)
         with torch.no_grad():
-            fake = self.one_step(torch.randn_like(x_real), labels)
+            fake = self.one_step(rng.randn_like(x_real), labels)
         d = self.discriminator_losses(x_real, fake, labels, apply_r1)
         self.check_finite(d["loss"], "discriminator")
         opt_d.zero_grad(set_to_none=True)
@@ -222,7 +224,7 @@ class GDD(GenerativeMethod):
         self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
 
         # generator step (counted: one global step per batch)
-        fake = self.one_step(torch.randn_like(x_real), labels)
+        fake = self.one_step(rng.randn_like(x_real), labels)
         with no_param_grads(self.discriminator):
             loss_g = generator_loss(self.discriminator(fake, labels), self.hparams.loss)
         self.check_finite(loss_g, "generator")
@@ -240,8 +242,7 @@ class GDD(GenerativeMethod):
 
     def validation_step(self, batch, batch_idx):
         x_real, y = batch
-        generator = torch.Generator(x_real.device).manual_seed(batch_idx)
-        z = torch.randn(x_real.shape, generator=generator, device=x_real.device)
+        z = BatchNoise.fixed(batch_idx, x_real.shape[0], x_real.device).randn_like(x_real)
         labels = y if self.num_classes else None
         fake = self.one_step(z, labels)
         gap = moment_gap(fake, x_real)
@@ -260,7 +261,7 @@ class GDD(GenerativeMethod):
         opt_d = instantiate(hp.optimizer_d, _convert_="all")(d_params)
         return [opt_g, opt_d]
 
-    def loss(self, x0, class_labels, generator=None):
+    def loss(self, x0, class_labels, rng):
         raise NotImplementedError("gdd trains by a GAN in training_step; it has no single regression loss")
 
 

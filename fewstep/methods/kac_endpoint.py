@@ -59,14 +59,19 @@ class KacEndpoint(KacTeacher):
 
         return KAC_SOLVERS[self.hparams.teacher_sampler].fn(velocity, x, ts)
 
-    def loss(self, x0, class_labels, generator=None):
+    def loss(self, x0, class_labels, rng):
         if self.teacher is None:
             raise ConfigError("kac_endpoint has no teacher: call attach_teacher(teacher) before training")
         steps, T = self.hparams.student_steps, self.hparams.T
         D = T / steps
-        k = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
-        t = T - k.to(x0.dtype) * D  # the start of each sample's student interval
-        x_t, _ = self.path.forward(x0, t, generator=generator)
+
+        def starts_and_displacements(total, generator):
+            k = torch.randint(0, steps, (total,), generator=generator, device=x0.device)
+            t = T - k.to(x0.dtype) * D  # the start of each sample's student interval
+            return t, self.path.displacement(t, (total, *x0.shape[1:]), generator, x0.dtype, x0.device)
+
+        t, k = rng.draw(starts_and_displacements)
+        x_t = self.path.at(x0, t, k)
         with torch.no_grad():
             x_teacher = self.teacher_endpoint(x_t, t, class_labels)
         x_student = x_t - D * self.velocity(x_t, t, class_labels)

@@ -40,9 +40,13 @@ class KacTeacher(GenerativeMethod):
         t_min, T = self.hparams.t_min, self.hparams.T
         return T * (t_min + (1 - t_min) * torch.rand(n, generator=generator, device=device))
 
-    def loss(self, x0, class_labels, generator=None):
-        t = self.training_times(x0.shape[0], generator, x0.device)
-        x_t, k = self.path.forward(x0, t, generator=generator)
+    def loss(self, x0, class_labels, rng):
+        def times_and_displacements(total, generator):
+            t = self.training_times(total, generator, x0.device)
+            return t, self.path.displacement(t, (total, *x0.shape[1:]), generator, x0.dtype, x0.device)
+
+        t, k = rng.draw(times_and_displacements)
+        x_t = self.path.at(x0, t, k)
         target = self.path.target(x0, k, t)
         return ((self.velocity(x_t, t, class_labels) - target) ** 2).mean()
 

@@ -40,7 +40,7 @@ class Progressive(DistilledStudent):
     def teacher_steps(self) -> int:
         return 2 * self.hparams.student_steps
 
-    def state_loss(self, x, k, class_labels, x0=None):
+    def state_loss(self, x, k, class_labels, rng):
         student, teacher = self.student_sigmas, self.grid(self.teacher_steps)
         sigma_t, sigma_mid, sigma_s = student[k], teacher[2 * k + 1], student[k + 1]
 

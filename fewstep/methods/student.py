@@ -22,6 +22,7 @@ from fewstep.checkpoints import ARCHITECTURE, first_difference
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights, draw_sources
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import GenerativeMethod, plain
+from fewstep.methods.noise import BatchNoise
 from fewstep.networks.preconditioning import edm_denoise
 from fewstep.samplers import SOLVERS, guided_denoiser
 from fewstep.samplers.grids import nested_sigmas
@@ -52,7 +53,7 @@ class DistilledStudent(GenerativeMethod):
 
     Subclasses define ``teacher_steps`` (the teacher's grid for its rollouts; it must contain
     ``state_sigmas``), ``student_sampler`` (the solver the student's grid is made for) and
-    ``state_loss(x, k, labels, x0)``; by default the student is an EDM denoiser sampled on the nested
+    ``state_loss(x, k, labels, rng)``; by default the student is an EDM denoiser sampled on the nested
     grid of ``student_steps`` and trained at its levels (consistency distillation overrides those).
     """
 
@@ -150,28 +151,28 @@ class DistilledStudent(GenerativeMethod):
         return super().sample_batch(noise, sampler, nfe, class_labels, guidance, grid or "nested", **options)
 
     # -- training states --------------------------------------------------------------------------------------
-    def default_states(self, x0, class_labels):
+    def default_states(self, x0, class_labels, rng: BatchNoise):
         """States without DDIL (x, k): forward-diffused data (``forward_states``) unless a subclass says otherwise."""
-        return self.forward_states(x0)
+        return self.forward_states(x0, rng)
 
-    def forward_states(self, x0, generator: torch.Generator | None = None):
+    def forward_states(self, x0, rng: BatchNoise):
         """x0 + sigma_k n at uniformly drawn levels k: (x, k)."""
         levels = self.state_sigmas
-        k = torch.randint(len(levels), (x0.shape[0],), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        return x0 + levels[k].view((-1,) + (1,) * (x0.ndim - 1)) * noise, k
+        k = rng.randint(len(levels)).to(x0.device)
+        return x0 + levels[k].view((-1,) + (1,) * (x0.ndim - 1)) * rng.randn_like(x0), k
 
-    def training_states(self, x0, class_labels):
+    def training_states(self, x0, class_labels, rng: BatchNoise):
         """(x, k, labels): the states of this batch, mixed from DDIL's three sources when it is on."""
         ddil = self.hparams.ddil
         if ddil is None:
-            x, k = self.default_states(x0, class_labels)
+            x, k = self.default_states(x0, class_labels, rng)
             return x, k, class_labels
         datamodule = self.trainer.datamodule
         datamodule.refresh(self.global_step, self.rollout)
-        x, k = self.forward_states(x0)
+        x, k = self.forward_states(x0, rng)
         labels = None if class_labels is None else class_labels.clone()
-        sources = draw_sources([ddil.get(f"b_{s}", 0.0) for s in SOURCES], x0.shape[0]).to(x0.device)
+        weights = [ddil.get(f"b_{s}", 0.0) for s in SOURCES]
+        sources = rng.draw(lambda total, generator: draw_sources(weights, total, generator)).to(x0.device)
         for code, source in enumerate(SOURCES[1:], start=1):
             index = (sources == code).nonzero().squeeze(1)
             if len(index):
@@ -226,17 +227,17 @@ class DistilledStudent(GenerativeMethod):
         return x, sigma, labels
 
     # -- Lightning --------------------------------------------------------------------------------------------
-    def state_loss(self, x, k, class_labels, x0=None) -> torch.Tensor:
+    def state_loss(self, x, k, class_labels, rng: BatchNoise) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, x0, class_labels, generator=None):
+    def loss(self, x0, class_labels, rng):
         if self.teacher is None:
             raise ConfigError(f"{type(self).__name__.lower()} has no teacher: call attach_teacher(teacher) first")
-        if generator is not None:  # validation: fixed forward-diffused states, comparable across steps
-            x, k = self.forward_states(x0, generator)
-            return self.state_loss(x, k, class_labels, x0)
-        x, k, class_labels = self.training_states(x0, class_labels)
-        return self.state_loss(x, k, class_labels, x0)
+        if self.training:
+            x, k, class_labels = self.training_states(x0, class_labels, rng)
+        else:  # validation: forward-diffused states (fixed noise), comparable across steps
+            x, k = self.forward_states(x0, rng)
+        return self.state_loss(x, k, class_labels, rng)
 
     def on_train_start(self) -> None:
         super().on_train_start()

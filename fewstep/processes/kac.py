@@ -236,8 +236,17 @@ class KacPath:
     def forward(self, x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(x_t, k) with x_t = f(t) x0 + k, k = K_{g(t)} drawn exactly; t of shape [batch]."""
         t = torch.as_tensor(t, device=x0.device)
-        k = self.process.sample(self.g(t), x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        return _view(self.f(t), x0) * x0 + k, k
+        k = self.displacement(t, x0.shape, generator, x0.dtype, x0.device)
+        return self.at(x0, t, k), k
+
+    def displacement(self, t: Tensor, shape, generator: torch.Generator | None = None, dtype=torch.float32,
+                     device=None) -> Tensor:
+        """k = K_{g(t)} of shape ``shape`` for times t of shape [shape[0]], drawn exactly."""
+        return self.process.sample(self.g(t), shape, generator=generator, dtype=dtype, device=device)
+
+    def at(self, x0: Tensor, t: Tensor, k: Tensor) -> Tensor:
+        """x_t = f(t) x0 + k."""
+        return _view(self.f(t), x0) * x0 + k
 
     def target(self, x0: Tensor, k: Tensor, t: Tensor) -> Tensor:
         """u* = f'(t) x0 + g'(t) v_K(k, g(t)) = E[d x_t / dt | x0, K_{g(t)} = k]; pass k from ``forward``."""
