@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
@@ -20,6 +21,7 @@ from fewstep.images import run_log_dir
 
 def train(cfg: DictConfig) -> dict:
     """Train the configured method; a distillation method (one with a ``teacher``) gets its teacher first."""
+    check_accelerator(cfg.trainer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = load_data(cfg)
@@ -28,6 +30,15 @@ def train(cfg: DictConfig) -> dict:
 
         return train_student(cfg, fit, datamodule)
     return fit(cfg, datamodule=datamodule)
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """A GPU trainer on a machine without CUDA fails here, in one line, before any data is loaded."""
+    if trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "the trainer needs a CUDA GPU (trainer=gpu, ddp and fsdp do) and none is visible: use trainer=cpu, "
+            "or trainer.devices=2 trainer.strategy=ddp for two CPU processes"
+        )
 
 
 def load_data(cfg: DictConfig):
