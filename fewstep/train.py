@@ -57,6 +57,8 @@ def fit(cfg: DictConfig, method: L.LightningModule | None = None, datamodule=Non
         datamodule = load_data(cfg)
     if method is None:
         method = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
+    if cfg.get("compile"):
+        method.net.compile()  # in place: the state_dict keys, and so the checkpoints, stay those of the eager network
     ckpt_path = resume_from(cfg)
     if ckpt_path:
         check_compatible(read_checkpoint(ckpt_path), method, ckpt_path)

@@ -35,3 +35,27 @@ def test_a_gpu_profile_without_cuda_fails_in_one_line_naming_the_cpu_choices(com
     with pytest.raises(ConfigError, match="needs a CUDA GPU .* use trainer=cpu, or trainer.devices=2 trainer.strategy=ddp") as error:
         train(compose_cfg("train", [f"trainer={profile}", "data=digits"]))
     assert "\n" not in str(error.value)
+
+
+def test_compile_true_compiles_the_network_in_place_and_its_checkpoint_loads_into_an_eager_one(compose_cfg, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    train(compose_cfg("train", ["data=digits", "model=unet_tiny", "data.batch_size=8", "data.limit=64",
+                                "data.val_size=16", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                "trainer.limit_val_batches=1", "callbacks.sample_grid.nfe=2", "logger=csv",
+                                "compile=true"]))
+    assert compiled == ["UNet"]  # the method's network, once
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_and_its_checkpoint_samples_without_compiling(compose_cfg, tmp_path):
+    from fewstep.checkpoints import load_method
+    from fewstep.generate import generate
+
+    train(compose_cfg("train", ["data=digits", "model=unet_tiny", "data.batch_size=8", "data.limit=64",
+                                "data.val_size=16", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                                "trainer.limit_val_batches=1", "callbacks.sample_grid.nfe=2", "logger=csv",
+                                "compile=true"]))
+    method = load_method(tmp_path / "checkpoints" / "last.ckpt")
+    samples, _, _ = generate(method, 2, "euler", 2)
+    assert torch.isfinite(samples).all()

@@ -1,11 +1,17 @@
-"""Training throughput of fewstep's Lightning step against a bare PyTorch loop, side by side in one run.
+"""Training throughput: fewstep's Lightning step against a bare PyTorch loop, or with bf16 and torch.compile.
 
-Both sides train the same method (network, EDM loss), on the same batches, with the same Adam,
-learning-rate schedule and EMA update; the Lightning side runs the Trainer with fewstep's
-default EMAWeightAveraging, LR monitor and TensorBoard logging (no validation, no checkpoints).
-Runs alternate (bare, lightning, bare, ...) so that machine noise hits both alike.
+Default (overhead): both sides train the same method (network, EDM loss), on the same batches, with
+the same Adam, learning-rate schedule and EMA update; the Lightning side runs the Trainer with
+fewstep's default EMAWeightAveraging, LR monitor and TensorBoard logging (no validation, no
+checkpoints). Runs alternate (bare, lightning, bare, ...) so that machine noise hits both alike.
+
+``--speedups``: the Lightning step on the best device here (a GPU if there is one) in four settings,
+fp32 / bf16-mixed precision x eager / ``compile=true`` (``torch.compile`` of the network, as
+``python -m fewstep.train compile=true`` does), in images per second and as ratios to fp32 eager,
+measured in one run (settings interleaved across repeats) with the device named.
 
     python tools/bench_train.py [--model unet_small] [--steps 100] [--repeats 3] [--batch-size 32]
+    python tools/bench_train.py --speedups --model unet_cifar --data cifar10 --batch-size 128
 """
 
 from __future__ import annotations
@@ -76,18 +82,54 @@ def bare_loop(cfg, steps: int, warmup: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def lightning_loop(cfg, steps: int, warmup: int) -> float:
+def lightning_loop(cfg, steps: int, warmup: int, accelerator: str = "cpu", precision: str = "32-true",
+                   compiled: bool = False) -> float:
     datamodule, method = build(cfg)
+    if compiled:
+        method.net.compile()  # what fit() does for compile=true; compiling happens in the untimed warm-up steps
     watch = StopWatch(warmup)
     with tempfile.TemporaryDirectory() as logdir:
         trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_steps=warmup + steps, limit_val_batches=0, enable_checkpointing=False,
+            accelerator=accelerator, devices=1, precision=precision, max_steps=warmup + steps, limit_val_batches=0,
+            enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=cfg.trainer.log_every_n_steps,
             logger=TensorBoardLogger(logdir), callbacks=[EMAWeightAveraging(decay=cfg.callbacks.ema.decay),
                                                         LearningRateMonitor("step"), watch],
         )
         trainer.fit(method, datamodule=datamodule)
     return watch.steps / watch.seconds
+
+
+SETTINGS = [("32-true", False), ("bf16-mixed", False), ("32-true", True), ("bf16-mixed", True)]
+
+
+def device_name(accelerator: str) -> str:
+    if accelerator == "gpu":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU")
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def speedups(cfg, args) -> None:
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 rows, as a GPU user would run them
+    rates = {setting: [] for setting in SETTINGS}
+    for _ in range(args.repeats):
+        for precision, compiled in SETTINGS:
+            steps_per_second = lightning_loop(cfg, args.steps, args.warmup, accelerator, precision, compiled)
+            rates[(precision, compiled)].append(steps_per_second * args.batch_size)
+    base = statistics.median(rates[SETTINGS[0]])
+    print(f"{device_name(accelerator)}; torch {torch.__version__}, lightning {L.__version__}; {args.method}, "
+          f"{args.model}, {args.data}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, "
+          f"median of {args.repeats}")
+    print("| precision | torch.compile | images/s | vs fp32 eager |")
+    print("|---|---|---|---|")
+    for (precision, compiled), values in rates.items():
+        rate = statistics.median(values)
+        print(f"| {precision} | {'yes' if compiled else 'no'} | {rate:.1f} | {rate / base:.2f}x |")
+    print("all runs (images/s):", {f"{p} {'compiled' if c else 'eager'}": [round(v, 1) for v in vs]
+                                   for (p, c), vs in rates.items()})
 
 
 def main() -> None:
@@ -99,6 +141,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--speedups", action="store_true", help="fp32/bf16 x eager/compiled on the best device here")
     args = parser.parse_args()
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -106,6 +149,8 @@ def main() -> None:
             f"model={args.model}", f"data={args.data}", f"method={args.method}",
             f"data.batch_size={args.batch_size}", "paths.output_dir=.",
         ])
+    if args.speedups:
+        return speedups(cfg, args)
     rates = {"bare": [], "lightning": []}
     for _ in range(args.repeats):
         rates["bare"].append(bare_loop(cfg, args.steps, args.warmup))
