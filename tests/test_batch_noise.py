@@ -7,7 +7,7 @@ with batch 2n: for a loss that is a mean over the batch, the full-batch loss is 
 import pytest
 import torch
 
-from fewstep.methods import DMD2, BatchNoise, Consistency, EDMTeacher, FlowTeacher, KacEndpoint, KacTeacher, Progressive
+from fewstep.methods import DMD2, BatchNoise, Consistency, EDMTeacher, FlowTeacher, KacEndpoint, Progressive
 from fewstep.methods.gdd import generator_loss
 
 from test_gdd import CONV, gdd
