@@ -1,29 +1,75 @@
-"""Drawing samples from a trained method: seeds, class labels and guidance around ``samplers.sample``."""
+"""Drawing samples from a trained method: seeds, class labels and guidance around ``samplers.sample``,
+in one process or split across the ranks of a distributed run."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from fewstep.images import to_uint8
 from fewstep.samplers import SeededNoise
 
 
 @torch.no_grad()
 def generate(
     method, n: int, sampler: str, nfe: int, seed: int = 0, guidance: float = 0.0, batch_size: int = 256,
-    grid: str | None = None,
+    grid: str | None = None, offset: int = 0,
     **solver_options,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Draw ``n`` samples from ``method.denoiser``; sample i depends on seed ``seed + i`` only.
+    """Draw samples ``offset .. offset + n - 1`` from ``method.denoiser``; sample i depends on seed ``seed + i`` only.
 
     Conditional methods get class labels i mod num_classes and classifier-free guidance ``guidance``.
     ``grid`` None is the method's default time grid. Returns (samples, labels or None, NFE per sample as counted).
     """
-    labels = torch.arange(n, device=method.device) % method.num_classes if method.num_classes else None
+    indices = torch.arange(offset, offset + n, device=method.device)
+    labels = indices % method.num_classes if method.num_classes else None
     out, nfe_used = [], 0
     for start in range(0, n, batch_size):
-        seeds = range(seed + start, seed + min(n, start + batch_size))
+        seeds = range(seed + offset + start, seed + offset + min(n, start + batch_size))
         noise = SeededNoise(seeds, method.device)
         batch_labels = None if labels is None else labels[start : start + len(seeds)]
         samples, nfe_used = method.sample_batch(noise, sampler, nfe, batch_labels, guidance, grid, **dict(solver_options))
         out.append(samples)
     return torch.cat(out), labels, nfe_used
+
+
+def rank_shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """(first global index, count) of the samples that rank ``rank`` of ``world`` draws out of ``n``.
+
+    Every rank draws ceil(n / world), the last ones padding past n, so that all ranks make the same
+    network calls: under FSDP each forward all-gathers the parameters, and a rank that stopped early
+    would leave the others waiting.
+    """
+    chunk = math.ceil(n / world)
+    return rank * chunk, chunk
+
+
+@torch.no_grad()
+def generate_across_ranks(
+    trainer, pl_module, n: int, sampler: str, nfe: int, seed: int = 0, guidance: float = 0.0, batch_size: int = 256,
+    grid: str | None = None, uint8: bool = False, preview: int = 0,
+    **solver_options,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``generate`` with the n samples split across the ranks of ``trainer``; every rank must call it.
+
+    Each rank draws its ``rank_shard``, then every rank receives all n in global order: the samples do
+    not depend on the number of devices. With ``uint8``, images (not vectors) travel and come back as
+    ``to_uint8`` images, a quarter of the traffic; the first ``preview`` samples also come back as the
+    sampler's floats, for a picture. Returns (samples, preview samples, NFE per sample as counted).
+    """
+    offset, count = rank_shard(n, trainer.global_rank, trainer.world_size)
+    shard, _, nfe_used = generate(
+        pl_module, count, sampler, nfe, seed, guidance, batch_size, grid, offset=offset, **solver_options
+    )
+    samples = gather_in_order(trainer, to_uint8(shard) if uint8 and shard.ndim == 4 else shard, n)
+    # The shards are consecutive and equal, so the first `preview` samples lie in the ranks' first `preview`.
+    preview = min(preview, n)  # not the padding past n
+    first = gather_in_order(trainer, shard[:preview], preview) if preview else shard[:0]
+    return samples, first, nfe_used
+
+
+def gather_in_order(trainer, part: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` samples of the ranks' equally long ``part``s put end to end in rank order, on every rank."""
+    gathered = trainer.strategy.all_gather(part)  # [world, *part.shape]; ``part`` itself in a single process
+    return gathered.reshape(-1, *part.shape[1:])[:count]

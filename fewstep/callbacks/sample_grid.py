@@ -5,15 +5,17 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from fewstep.generate import generate_across_ranks
 from fewstep.images import image_grid, run_log_dir, save_grid
-from fewstep.generate import generate
 
 
 class SampleGrid(L.Callback):
     """Logs a grid of ``n`` samples (``sampler`` at ``nfe``) to TensorBoard and as a PNG under the log dir.
 
     It runs inside the first validation batch, where Lightning's EMAWeightAveraging has swapped
-    the EMA weights in, so the grid shows the EMA model.
+    the EMA weights in, so the grid shows the EMA model. Under DDP or FSDP every rank draws an equal
+    share of the samples (``generate_across_ranks``); the shares are gathered in seed order, and rank
+    zero logs and saves the grid, which is thus the same on any number of devices.
     """
 
     def __init__(self, n: int = 64, sampler: dict | str = "heun", nfe: int = 35, seed: int = 0, guidance: float = 0.0):
@@ -24,15 +26,15 @@ class SampleGrid(L.Callback):
         self.n, self.nfe, self.seed, self.guidance = n, nfe, seed, guidance
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+        if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
         was_training = pl_module.training
         pl_module.eval()
-        samples, _, _ = generate(
-            pl_module, self.n, self.sampler, self.nfe, self.seed, self.guidance, **self.options
+        samples, _, _ = generate_across_ranks(
+            trainer, pl_module, self.n, self.sampler, self.nfe, self.seed, self.guidance, **self.options
         )
         pl_module.train(was_training)
-        if samples.ndim != 4:  # vector data has no picture
+        if not trainer.is_global_zero or samples.ndim != 4:  # vector data has no picture
             return
         step = trainer.global_step
         for logger in trainer.loggers:

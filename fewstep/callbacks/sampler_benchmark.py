@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
 from fewstep.errors import ConfigError
-from fewstep.generate import generate
-from fewstep.images import image_grid, run_log_dir, to_uint8
+from fewstep.generate import generate_across_ranks
+from fewstep.images import image_grid, run_log_dir
 from fewstep.metrics.score import check_metric, feature_extractor, reference_key, score
 from fewstep.report import figure, setting, tables
 from fewstep.samplers import check_solver
@@ -40,9 +40,15 @@ class SamplerBenchmark(L.Callback):
     ``<log_dir>/benchmark/results.jsonl`` and the figure to ``<log_dir>/benchmark/``.
 
     Like SampleGrid it runs inside the first validation batch, where EMAWeightAveraging has swapped the
-    EMA weights in. The feature network lives here, not in the LightningModule, so checkpoints stay
-    small; the checkpoint keeps only the rows measured so far (``state_dict``), so a resumed run
-    carries its history on.
+    EMA weights in. Under DDP or FSDP every rank draws an equal share of the samples and the shares are
+    gathered, as uint8 images, in seed order (``generate_across_ranks``), so the scores do not depend on
+    the number of devices; rank zero alone builds the feature network and real images, scores, logs,
+    writes and keeps the rows. ``images_per_second`` is n over the wall-clock time of the generation on
+    every rank and the gather (not the scoring).
+
+    The feature network lives here, not in the LightningModule, so checkpoints stay small; the
+    checkpoint keeps only the rows measured so far (``state_dict``), so a resumed run carries its
+    history on.
     """
 
     def __init__(
@@ -98,8 +104,8 @@ class SamplerBenchmark(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
-        self.validations += 1
-        if self.validations % self.every or not trainer.is_global_zero:
+        self.validations += 1  # on every rank, so that all ranks generate, and gather, together
+        if self.validations % self.every:
             return
         was_training = pl_module.training
         pl_module.eval()
@@ -107,8 +113,9 @@ class SamplerBenchmark(L.Callback):
             rows = [self.measure(trainer, pl_module, *s) for s in self.settings()]
         finally:
             pl_module.train(was_training)
-        self.rows += rows
-        self.publish(trainer, rows)
+        if trainer.is_global_zero:
+            self.rows += rows
+            self.publish(trainer, rows)
 
     def references(self, trainer, pl_module):
         """The feature network and the real images, made once per run (the statistics are cached on disk)."""
@@ -122,11 +129,13 @@ class SamplerBenchmark(L.Callback):
         return self._extractor, self._real
 
     def measure(self, trainer, pl_module, sampler: dict, budget: int, guidance: float) -> dict:
+        """One setting's row; every rank generates, rank zero alone scores (the other ranks' rows are not kept)."""
         options = {k: v for k, v in sampler.items() if k != "name"}
         synchronize(pl_module.device)
         start = time.perf_counter()
-        samples, _, used = generate(
-            pl_module, self.n, sampler["name"], budget, self.seed, guidance, self.batch_size, self.grid, **options
+        samples, preview, used = generate_across_ranks(
+            trainer, pl_module, self.n, sampler["name"], budget, self.seed, guidance, self.batch_size, self.grid,
+            uint8=True, preview=self.grid_images, **options,
         )
         synchronize(pl_module.device)
         seconds = time.perf_counter() - start
@@ -135,11 +144,11 @@ class SamplerBenchmark(L.Callback):
             "guidance": guidance, "n": self.n, "seed": self.seed, "images_per_second": self.n / seconds,
             "step": trainer.global_step, "sampler_options": options,
         }
-        if samples.ndim == 4:  # images: score them; vector data has no feature network
+        if samples.ndim == 4 and trainer.is_global_zero:  # images: score them; vector data has no feature network
             extractor, real = self.references(trainer, pl_module)
-            row["value"] = score(self.metric, extractor, real, to_uint8(samples), self._key, self.cache_dir, self.batch_size)
+            row["value"] = score(self.metric, extractor, real, samples, self._key, self.cache_dir, self.batch_size)
             row["n_real"] = len(real)
-            self.log_grid(trainer, row, samples[: self.grid_images])
+            self.log_grid(trainer, row, preview)
         return row
 
     def log_grid(self, trainer, row: dict, samples: torch.Tensor) -> None:

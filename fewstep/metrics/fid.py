@@ -12,6 +12,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from fewstep.metrics.inception import FEATURE_DIM, InceptionFeatures
 
 COMPARABLE_N = 10_000  # the smallest sample size at which published FIDs are usually reported (50k is common)
+# One process scores (rank zero of a DDP run): by default torchmetrics' compute() gathers the states of every
+# rank, and would wait forever for ranks that never score.
+UNSYNCED = {"sync_on_compute": False}
 
 
 def make_fid(
@@ -23,7 +26,7 @@ def make_fid(
     are computed once per evaluation run. `antialias` as in `InceptionFeatures`.
     """
     return FrechetInceptionDistance(
-        feature=InceptionFeatures(weights, antialias=antialias), reset_real_features=reset_real_features
+        feature=InceptionFeatures(weights, antialias=antialias), reset_real_features=reset_real_features, **UNSYNCED
     )
 
 

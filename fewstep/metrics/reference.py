@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from fewstep.metrics.fid import update_in_batches
+from fewstep.metrics.fid import UNSYNCED, update_in_batches
 
 PROBE_IMAGES = 4  # images re-featurised on load to catch a cache made by another extractor (a retrained classifier)
 
@@ -40,7 +40,7 @@ def reference_stats(
 
 def compute_stats(extractor: nn.Module, images_uint8: Tensor, batch_size: int) -> dict:
     device = device_of(extractor, images_uint8)
-    metric = FrechetInceptionDistance(feature=extractor).to(device)
+    metric = FrechetInceptionDistance(feature=extractor, **UNSYNCED).to(device)
     update_in_batches(metric, images_uint8, True, batch_size, device)
     return stats_from_sums(metric.real_features_sum, metric.real_features_cov_sum, metric.real_features_num_samples)
 
@@ -73,7 +73,7 @@ def load_reference(metric: FrechetInceptionDistance, ref: dict) -> FrechetIncept
 def fid_against_reference(extractor: nn.Module, ref: dict, fake_uint8: Tensor, batch_size: int = 256) -> float:
     """torchmetrics' FID between uint8 images [N, C, H, W] and cached real statistics."""
     device = device_of(extractor, fake_uint8)
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False, **UNSYNCED).to(device)
     load_reference(metric, ref)
     update_in_batches(metric, fake_uint8, False, batch_size, device)
     return metric.compute().item()

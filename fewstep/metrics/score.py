@@ -55,7 +55,7 @@ def score(metric: str, extractor: nn.Module, real: Tensor, fake: Tensor, key: st
 
     ``real`` and ``fake`` are uint8 images [N, C, H, W].
     """
-    from fewstep.metrics.fid import update_in_batches, warn_if_biased
+    from fewstep.metrics.fid import UNSYNCED, update_in_batches, warn_if_biased
     from fewstep.metrics.reference import fid_against_reference, reference_stats
 
     check_metric(metric)
@@ -65,7 +65,7 @@ def score(metric: str, extractor: nn.Module, real: Tensor, fake: Tensor, key: st
         return fid_against_reference(extractor, reference, fake, batch_size)
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    kid = KernelInceptionDistance(feature=extractor, subset_size=min(1000, len(real), len(fake)))
+    kid = KernelInceptionDistance(feature=extractor, subset_size=min(1000, len(real), len(fake)), **UNSYNCED)
     device = next(extractor.parameters()).device
     update_in_batches(kid, real, True, batch_size, device)
     update_in_batches(kid, fake, False, batch_size, device)
