@@ -63,7 +63,7 @@ def test_trainer_logger_callback_configs_instantiate(compose_cfg, trainer):
     cfg = compose_cfg("train", [f"trainer={trainer}", "logger=csv"])
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    if trainer in ("gpu", "ddp"):
+    if trainer in ("gpu", "ddp", "fsdp"):
         # No GPU here: check the config, not the hardware.
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         return

@@ -186,5 +186,6 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     one = run("one", "data.batch_size=8")
     two = run("two", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp")  # gloo on CPU
     assert one["global_step"] == two["global_step"] == 4
-    for key, value in one["state_dict"].items():  # the same data and noise; only the gradient sum's order differs
-        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for weights in ("state_dict", "current_model_state"):  # the EMA weights and the trained ones
+        for key, value in one[weights].items():  # the same data and noise; only the gradient sum's order differs
+            torch.testing.assert_close(two[weights][key], value, rtol=1e-4, atol=1e-5, msg=f"{weights} {key}")
