@@ -115,7 +115,7 @@ class Consistency(DistilledStudent):
         w = None
         if self.guided:
             w_min, w_max = (float(v) for v in hp.guidance_range)
-            w = w_min + (w_max - w_min) * rng.rand().to(x.device)
+            w = w_min + (w_max - w_min) * rng.rand()
         with torch.no_grad():
             x_j = ddim_step(x, self.teacher_denoise(x, sigma_i, class_labels, w), sigma_i, sigma_j)
             target = self.consistency_fn(self.target_net, x_j, sigma_j, class_labels, w)

@@ -110,7 +110,7 @@ class DMD2(DistilledStudent):
         """The generator's own backward simulation: from sigma_0 z, k steps of x0 = G(x), x = x0 + sigma_{i+1} z."""
         levels = self.state_sigmas
         n = x0.shape[0]
-        k = rng.randint(len(levels)).to(x0.device)
+        k = rng.randint(len(levels))
         x = levels[0] * rng.randn_like(x0)
         states = x.clone()
         for i in range(1, len(levels)):  # every level, whatever this rank's k: each rank makes the same draws
@@ -134,7 +134,7 @@ class DMD2(DistilledStudent):
         out = {"denoise": (weight * (self.fake_denoiser(noisy, sigma, class_labels) - fake) ** 2).mean()}
         out["loss"] = out["denoise"]
         if self.gan and hp.critic_gan_weight > 0:
-            sigma = self.dm_sigmas(rng).to(fake.device)
+            sigma = self.dm_sigmas(rng)
             logits_fake = self.gan_logits(fake + sigma.view(shape) * rng.randn_like(fake), sigma, class_labels)
             logits_real = self.gan_logits(x_real + sigma.view(shape) * rng.randn_like(x_real), sigma, class_labels)
             out["gan"] = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
@@ -145,7 +145,7 @@ class DMD2(DistilledStudent):
         """L_DM at sigma(u), plus gan_weight * softplus(-D(G)) on the critic's head."""
         hp = self.hparams
         shape = (-1,) + (1,) * (fake.ndim - 1)
-        sigma = self.dm_sigmas(rng).to(fake.device)
+        sigma = self.dm_sigmas(rng)
         noisy = fake + sigma.view(shape) * rng.randn_like(fake)
         with torch.no_grad():
             real = self.teacher_denoise(noisy, sigma, class_labels)

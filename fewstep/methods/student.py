@@ -158,7 +158,7 @@ class DistilledStudent(GenerativeMethod):
     def forward_states(self, x0, rng: BatchNoise):
         """x0 + sigma_k n at uniformly drawn levels k: (x, k)."""
         levels = self.state_sigmas
-        k = rng.randint(len(levels)).to(x0.device)
+        k = rng.randint(len(levels))
         return x0 + levels[k].view((-1,) + (1,) * (x0.ndim - 1)) * rng.randn_like(x0), k
 
     def training_states(self, x0, class_labels, rng: BatchNoise):
