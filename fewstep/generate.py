@@ -9,6 +9,7 @@ import torch
 
 from fewstep.images import to_uint8
 from fewstep.samplers import SeededNoise
+from fewstep.strategies import full_weights
 
 
 @torch.no_grad()
@@ -37,9 +38,8 @@ def generate(
 def rank_shard(n: int, rank: int, world: int) -> tuple[int, int]:
     """(first global index, count) of the samples that rank ``rank`` of ``world`` draws out of ``n``.
 
-    Every rank draws ceil(n / world), the last ones padding past n, so that all ranks make the same
-    network calls: under FSDP each forward all-gathers the parameters, and a rank that stopped early
-    would leave the others waiting.
+    Every rank draws ceil(n / world), the last ones padding past n, so that all ranks gather equal parts
+    and make the same network calls.
     """
     chunk = math.ceil(n / world)
     return rank * chunk, chunk
@@ -59,9 +59,10 @@ def generate_across_ranks(
     sampler's floats, for a picture. Returns (samples, preview samples, NFE per sample as counted).
     """
     offset, count = rank_shard(n, trainer.global_rank, trainer.world_size)
-    shard, _, nfe_used = generate(
-        pl_module, count, sampler, nfe, seed, guidance, batch_size, grid, offset=offset, **solver_options
-    )
+    with full_weights(trainer):
+        shard, _, nfe_used = generate(
+            pl_module, count, sampler, nfe, seed, guidance, batch_size, grid, offset=offset, **solver_options
+        )
     samples = gather_in_order(trainer, to_uint8(shard) if uint8 and shard.ndim == 4 else shard, n)
     # The shards are consecutive and equal, so the first `preview` samples lie in the ranks' first `preview`.
     preview = min(preview, n)  # not the padding past n

@@ -1,15 +1,28 @@
-"""Trainer profiles: cpu, gpu, ddp, fsdp and debug compose, shard the data themselves, and fail in one line without a GPU."""
+"""Trainer profiles: they compose, shard the data themselves and fail in one line without a GPU; FSDP on CPU processes
+matches one process, resumes and samples; compile=true."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 
+from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.cli import CONF_DIR
 from fewstep.errors import ConfigError
+from fewstep.generate import generate
 from fewstep.train import train
 
+from conftest import REPO
+
 PROFILES = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
+TINY_RUN = [
+    "data=digits", "model=unet_tiny", "data.limit=64", "data.val_size=16", "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1", "callbacks.sample_grid.n=4", "callbacks.sample_grid.nfe=2", "logger=csv", "seed=3",
+]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -49,9 +62,6 @@ def test_compile_true_compiles_the_network_in_place_and_its_checkpoint_loads_int
 
 @pytest.mark.slow
 def test_a_compiled_run_trains_and_its_checkpoint_samples_without_compiling(compose_cfg, tmp_path):
-    from fewstep.checkpoints import load_method
-    from fewstep.generate import generate
-
     train(compose_cfg("train", ["data=digits", "model=unet_tiny", "data.batch_size=8", "data.limit=64",
                                 "data.val_size=16", "trainer.max_steps=2", "trainer.val_check_interval=2",
                                 "trainer.limit_val_batches=1", "callbacks.sample_grid.nfe=2", "logger=csv",
@@ -59,3 +69,36 @@ def test_a_compiled_run_trains_and_its_checkpoint_samples_without_compiling(comp
     method = load_method(tmp_path / "checkpoints" / "last.ckpt")
     samples, _, _ = generate(method, 2, "euler", 2)
     assert torch.isfinite(samples).all()
+
+
+def test_fsdp_on_two_cpu_processes_matches_one_process_resumes_and_samples(tmp_path):
+    def run(name, *extra):
+        result = subprocess.run(
+            [sys.executable, "-m", "fewstep.train", *TINY_RUN, f"hydra.run.dir={tmp_path / name}", *extra],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
+
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "data.batch_size=4"]
+    one = ["callbacks.ema=null", "data.batch_size=8"]  # the fsdp profile has no EMA
+    for steps in (4, 6):  # then resume=auto for two more steps: the sharded optimiser state comes back
+        a = run("one", *one, f"trainer.max_steps={steps}", "resume=auto")
+        b = run("fsdp", *fsdp, f"trainer.max_steps={steps}", "resume=auto")
+        assert a["global_step"] == b["global_step"] == steps
+        assert a["state_dict"].keys() == b["state_dict"].keys()  # one full file, under the usual names
+        for key, value in a["state_dict"].items():
+            torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert list((tmp_path / "fsdp").rglob("samples/step_0000006.png"))  # sampling with the sharded weights gathered
+    samples, _, _ = generate(load_method(tmp_path / "fsdp" / "checkpoints" / "last.ckpt"), 2, "euler", 2)
+    assert torch.isfinite(samples).all()
+
+
+def test_fsdp_refuses_frozen_parameters_beside_trainable_ones_in_one_line():
+    from fewstep.strategies import FSDPStrategy
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False))
+    with pytest.raises(ConfigError, match="frozen parameters beside trainable ones .* use trainer=ddp") as error:
+        FSDPStrategy(use_orig_params=False)._setup_model(model)
+    assert "\n" not in str(error.value)
