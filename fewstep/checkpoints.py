@@ -21,7 +21,8 @@ def read_checkpoint(path: str | Path) -> dict:
             "(they are under outputs/<method>/<data>/<run>/checkpoints/)"
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # mmap: tensors are read when used, so checking a checkpoint (resume=auto, check_compatible) costs no full read
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # truncated, corrupted, or not a torch file
         raise CheckpointError(
             f"cannot read checkpoint '{path}' ({type(error).__name__}): the file is truncated or corrupted; "
@@ -111,13 +112,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The checkpoint a run continues from: ``last.ckpt`` if readable, else the readable ``*.ckpt`` of the highest step."""
     directory = Path(directory)
-    candidates = [directory / "last.ckpt"] if (directory / "last.ckpt").exists() else []
-    steps = []
-    for path in directory.glob("*.ckpt"):
-        if path.name != "last.ckpt" and not path.name.startswith("."):
-            steps.append(path)
-    for path in candidates + sorted(steps, key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
+    steps = [path for path in directory.glob("*.ckpt") if path.name != "last.ckpt"]
+    for path in [directory / "last.ckpt", *sorted(steps, key=lambda p: p.stat().st_mtime, reverse=True)]:
+        try:  # a missing last.ckpt is skipped like an unreadable one
             read_checkpoint(path)
         except CheckpointError:
             continue

@@ -125,10 +125,10 @@ class RolloutStates(L.LightningDataModule):
         self.data.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
+        self.data.trainer = self.trainer  # the data's loader and state read the rank and the step reached from it
         self.data.setup(stage)
 
     def train_dataloader(self):
-        self.data.trainer = self.trainer  # the data's loader reads the rank and the step reached from it
         return self.data.train_dataloader()
 
     def val_dataloader(self):
@@ -152,7 +152,6 @@ class RolloutStates(L.LightningDataModule):
         return self.buffers[source].sample(n, self.generator)
 
     def state_dict(self) -> dict:
-        self.data.trainer = self.trainer
         return {
             "data": self.data.state_dict(),
             "buffers": {source: buffer.state_dict() for source, buffer in self.buffers.items()},

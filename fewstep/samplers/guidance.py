@@ -20,9 +20,10 @@ def guided_denoiser(
     w = torch.as_tensor(scale, dtype=torch.float32)
     if (w < 0).any():
         raise ConfigError(f"guidance scale w={scale} is negative: use w >= 0 (0 is the plain conditional model)")
+    unguided = not (w != 0).any()  # once, not per call: a per-sample w on a GPU would sync at every step
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if not (w != 0).any():
+        if unguided:
             return denoiser(x, sigma, class_labels=class_labels)
         labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
         both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=labels)
