@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
+import re
+import sys
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from fewstep.errors import CheckpointError
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """torch.load a Lightning checkpoint written by fewstep, or raise a one-line CheckpointError."""
+def read_checkpoint(path: str | Path, mmap: bool = True) -> dict:
+    """A checkpoint written by fewstep, read without running code from the file, or a one-line CheckpointError.
+
+    ``torch.load(weights_only=True)``: the pickle inside may name only tensors, storages and plain containers
+    (fewstep writes nothing else), so a file that would call anything else when unpickled is refused before
+    that call is made.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -22,7 +31,13 @@ def read_checkpoint(path: str | Path) -> dict:
         )
     try:
         # mmap: tensors are read when used, so checking a checkpoint (resume=auto, check_compatible) costs no full read
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:  # weights_only refused a global: the file wants to run something
+        raise UnsafeCheckpoint(
+            f"refusing checkpoint '{path}': it names {refused_global(path, error)}, which a fewstep checkpoint never holds, "
+            "and fewstep runs no code from files (an older fewstep checkpoint you trust: python -m "
+            "fewstep.checkpoints upgrade PATH)"
+        ) from None
     except Exception as error:  # truncated, corrupted, or not a torch file
         raise CheckpointError(
             f"cannot read checkpoint '{path}' ({type(error).__name__}): the file is truncated or corrupted; "
@@ -33,9 +48,67 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+class UnsafeCheckpoint(CheckpointError):
+    """A file whose pickle names something other than tensors and plain containers: refused, never skipped."""
+
+
+def refused_global(path: Path, error: Exception) -> str:
+    """The globals outside torch's weights-only allow-list that the file names (read from its pickle, not run)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # fall back on the first one torch's message names
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        names = [found.group(1)] if found else []
+    if not names:
+        return "a global that is not a tensor or a plain container"
+    return "the global" + ("s " if len(names) > 1 else " ") + ", ".join(f"'{name}'" for name in names[:3])
+
+
 def method_class(checkpoint: dict) -> type:
-    module, _, name = checkpoint["fewstep"]["method_class"].rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    """The fewstep method class a checkpoint names; any other name is refused (the name comes from the file)."""
+    from fewstep.methods import GenerativeMethod
+
+    name = str(checkpoint["fewstep"].get("method_class", ""))
+    module, _, attribute = name.rpartition(".")
+    cls = None
+    if module.startswith("fewstep.methods.") and attribute.isidentifier():
+        cls = getattr(importlib.import_module(module), attribute, None)
+    if not (isinstance(cls, type) and issubclass(cls, GenerativeMethod)):
+        raise CheckpointError(f"the checkpoint names the method class '{name}', which is not a fewstep method")
+    check_targets(checkpoint.get("hyper_parameters", {}))
+    return cls
+
+
+# What a checkpoint's hyperparameters may name as `_target_` (the method builds its network from them, and
+# hydra's instantiate would call anything): fewstep's networks and torch's optimisers and schedulers.
+ALLOWED_TARGETS = ("fewstep.networks.", "fewstep.external.", "torch.optim.")
+
+
+def check_targets(tree, where: str = "hyper_parameters") -> None:
+    """Refuse, in one line, a `_target_` anywhere in ``tree`` that is not one of ALLOWED_TARGETS."""
+    if isinstance(tree, dict):
+        target = tree.get("_target_")
+        if target is not None and not (isinstance(target, str) and target.startswith(ALLOWED_TARGETS)):
+            raise CheckpointError(
+                f"the checkpoint's {where} name _target_ '{target}', which fewstep does not build from a file "
+                f"(only {', '.join(p + '*' for p in ALLOWED_TARGETS)})"
+            )
+        for key, value in tree.items():
+            check_targets(value, f"{where}.{key}")
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            check_targets(value, where)
+
+
+def plain_tree(value):
+    """``value`` with every OmegaConf node turned into plain dicts and lists (what a weights-only load accepts)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {key: plain_tree(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_tree(item) for item in value)
+    return value
 
 
 ARCHITECTURE = ("net", "data_shape", "num_classes", "conditional")  # what a network's weights depend on
@@ -73,7 +146,15 @@ def check_compatible(checkpoint: dict, method, path: str | Path) -> None:
 
 
 def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the method stored in ``path`` (with its EMA weights, which Lightning saves as state_dict)."""
+    """The model stored at ``path``, whose ``denoiser(x, sigma, class_labels=None)`` is the file's D.
+
+    A fewstep checkpoint rebuilds its method (with the EMA weights, which Lightning saves as state_dict); an EDM
+    network pickle (``.pkl``, or its ``.pt``/``.pth`` state-dict file) or a diffusers folder becomes an EDMTeacher
+    around fewstep's implementation of that network, so that it samples, evaluates and teaches like a fewstep run.
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix in EDM_SUFFIXES:
+        return load_external(path).to(map_location).eval()
     checkpoint = read_checkpoint(path)
     cls = method_class(checkpoint)
     method = cls(**checkpoint["hyper_parameters"])
@@ -81,13 +162,57 @@ def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
     return method.to(map_location).eval()
 
 
+EDM_SUFFIXES = (".pkl", ".pt", ".pth")  # EDM network pickles and their state-dict files; a folder is diffusers'
+
+
+def load_external(path: Path):
+    """An EDMTeacher whose network is the EDM pickle's or the diffusers folder's at ``path``, with its weights."""
+    from fewstep.methods.edm_teacher import EDMTeacher
+
+    if path.is_dir():
+        from fewstep.external.diffusers import load_diffusers
+
+        net = load_diffusers(path)
+        config = {"_target_": "fewstep.external.diffusers.DiffusersDenoiser", "unet_config": plain_json(net.unet_config),
+                  "scheduler_config": plain_json(net.scheduler_config)}
+        size = net.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        data_shape, num_classes = [net.unet.config.in_channels, height, width], net.num_class_embeds or 0
+    elif path.is_file():
+        from fewstep.external.edm_pickle import edm_network_config, load_edm_network
+
+        net = load_edm_network(path)
+        config, data_shape, num_classes = edm_network_config(net)
+    else:
+        raise CheckpointError(
+            f"'{path}' not found: pass a fewstep .ckpt, an EDM network pickle (.pkl), or a diffusers model folder"
+        )
+    # the method builds a network from the config (checking that it fits), which the file's network then replaces
+    method = EDMTeacher(net=config, data_shape=data_shape, num_classes=num_classes, conditional=num_classes > 0,
+                        sigma_data=float(net.sigma_data))
+    method.net = net
+    return method
+
+
+def plain_json(config) -> dict:
+    """A model's config as plain JSON-like values (diffusers' FrozenDict and tuples become dicts and lists)."""
+    import json
+
+    return json.loads(json.dumps(dict(config), default=list))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside its target, fsyncs it, then renames it into place.
+    """Reads checkpoints with ``read_checkpoint`` (weights only: no code from the file runs, whatever Lightning's
+    own default), and writes each checkpoint to a temporary file beside its target, fsyncs it, then renames it into place.
 
     A crash or a full disk mid-write leaves the previous checkpoints (and ``last.ckpt``) as they were,
     never a half-written file under a checkpoint's name (a rename within one directory is atomic on
     POSIX file systems, unlike a move from /tmp onto a mounted volume). A failed write says so in one line.
     """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        checkpoint = read_checkpoint(path, mmap=False)  # a resumed optimiser's state must not live in a mapped file
+        return checkpoint if map_location is None else _move(checkpoint, map_location)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
@@ -114,9 +239,42 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     directory = Path(directory)
     steps = [path for path in directory.glob("*.ckpt") if path.name != "last.ckpt"]
     for path in [directory / "last.ckpt", *sorted(steps, key=lambda p: p.stat().st_mtime, reverse=True)]:
-        try:  # a missing last.ckpt is skipped like an unreadable one
+        try:  # a missing last.ckpt is skipped like an unreadable one; a file that would run code stops the run
             read_checkpoint(path)
+        except UnsafeCheckpoint:
+            raise
         except CheckpointError:
             continue
         return path
     return None
+
+
+def _move(checkpoint: dict, map_location) -> dict:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return checkpoint if callable(map_location) else move_data_to_device(checkpoint, torch.device(map_location))
+
+
+def upgrade(path: str | Path) -> None:
+    """Rewrite a checkpoint of an earlier fewstep (OmegaConf hyperparameters, numpy RNG state) with plain containers.
+
+    Loads the file with ``weights_only=False``, which runs whatever its pickle names: only for files you trust.
+    """
+    from fewstep.methods.base import plain_rng_states
+
+    path = Path(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"] = plain_tree(checkpoint.get("hyper_parameters", {}))
+    checkpoint.pop("hparams_type", None)
+    if "fewstep" in checkpoint and "rng" in checkpoint["fewstep"]:
+        checkpoint["fewstep"]["rng"] = plain_rng_states(checkpoint["fewstep"]["rng"])
+    AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+    read_checkpoint(path)
+    print(f"upgraded {path}: it now loads with weights_only=True")
+
+
+if __name__ == "__main__":  # python -m fewstep.checkpoints upgrade PATH [PATH ...]
+    if len(sys.argv) < 3 or sys.argv[1] != "upgrade":
+        sys.exit("usage: python -m fewstep.checkpoints upgrade PATH [PATH ...]  (only for checkpoints you trust)")
+    for name in sys.argv[2:]:
+        upgrade(name)

@@ -25,6 +25,7 @@ from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.cli import CONF_DIR
 from fewstep.errors import ConfigError
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights
+from fewstep.methods.base import DenoiserMethod
 from fewstep.methods.kac_endpoint import KacEndpoint, check_stages, require_kac
 from fewstep.methods.kac_teacher import KAC_HPARAMS
 from fewstep.methods.progressive import Progressive, halving_stages
@@ -191,6 +192,7 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
         )
     teacher_path = find_teacher(cfg, fit)
     teacher = load_method(teacher_path)
+    cfg = with_teacher_network(cfg, teacher)
     if stages:
         return train_stages(cfg, fit, datamodule, teacher, teacher_path, stages)
     student = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
@@ -200,6 +202,20 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
         cfg = copy.deepcopy(cfg)
         cfg.callbacks.sample_grid.nfe = grid_nfe
     return fit(cfg, method=student, datamodule=with_rollouts(cfg, datamodule))
+
+
+def with_teacher_network(cfg: DictConfig, teacher) -> DictConfig:
+    """``cfg`` with the teacher's network (and, for EDM-space students, its sigma_data): students start from it,
+    whatever its architecture (a fewstep model, EDM's SongUNet or ADM, a diffusers UNet)."""
+    net = OmegaConf.to_container(OmegaConf.create(teacher.hparams.net), resolve=True)
+    if OmegaConf.to_container(cfg.model, resolve=True) != net:
+        console.print(f"[bold]student network[/]: the teacher's ({net.get('_target_')}), in place of this run's model")
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.model = net
+        if isinstance(teacher, DenoiserMethod) and "sigma_data" in teacher.hparams:
+            cfg.method.sigma_data = float(teacher.hparams.sigma_data)
+    return cfg
 
 
 def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_path: Path, stages: list[int]) -> dict:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from lightning.pytorch import strategies
 from lightning.pytorch.strategies.fsdp import _get_full_state_dict_context
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from fewstep.checkpoints import read_checkpoint
 from fewstep.errors import ConfigError
 
 
@@ -39,6 +41,14 @@ class FSDPStrategy(strategies.FSDPStrategy):
                 sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
             )
         return super()._setup_model(model)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        # Lightning reads a full FSDP checkpoint with its own lazy unpickler, which would run whatever the file
+        # names: the weights-only read first refuses such a file, in one line.
+        path = Path(checkpoint_path)
+        if path.is_file():
+            read_checkpoint(path)
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
 
     def optimizer_state(self, optimizer) -> dict:
         # Lightning re-keys a full optimiser state by parameter index for the checkpoint, and by name again on load,

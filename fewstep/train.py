@@ -67,8 +67,8 @@ def fit(cfg: DictConfig, method: L.LightningModule | None = None, datamodule=Non
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
-    # weights_only=False: our checkpoints hold the network's Hydra config (a DictConfig) in their hyperparameters
-    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    # weights_only: fewstep's checkpoints hold tensors and plain containers only, and no file runs code here
+    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

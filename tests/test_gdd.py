@@ -338,11 +338,11 @@ def test_discriminator_errors_are_one_line(tmp_path):
 
 def test_teacher_of_another_method_or_architecture_is_refused():
     method = gdd(discriminator=CONV, teacher_ckpt="t.ckpt")
-    with pytest.raises(CheckpointError, match="teacher checkpoint 't.ckpt' does not match this generator: its net is"):
+    with pytest.raises(CheckpointError, match="teacher checkpoint 't.ckpt' does not match this student: its net is"):
         method.attach_teacher(EDMTeacher(net={**UNET, "model_channels": 4}, data_shape=SHAPE))
     with pytest.raises(CheckpointError, match="its sigma_data is 1.0"):
         method.attach_teacher(EDMTeacher(net=UNET, data_shape=SHAPE, sigma_data=1.0))
-    with pytest.raises(CheckpointError, match="teacher checkpoint 'flow.ckpt' holds a FlowTeacher, not an EDM teacher"):
+    with pytest.raises(CheckpointError, match="teacher checkpoint 'flow.ckpt' holds a FlowTeacher, not an EDM-space denoiser"):
         method.attach_teacher(FlowTeacher(net=UNET, data_shape=SHAPE), path="flow.ckpt")
     with pytest.raises(ConfigError, match="unknown GAN loss 'wgan'"):
         gdd(discriminator=CONV, loss="wgan")

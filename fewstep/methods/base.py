@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fewstep.checkpoints import plain_tree
 from fewstep.errors import TrainingDiverged
 from fewstep.methods.noise import BatchNoise
+from fewstep.networks.preconditioning import edm_denoise
 from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
 
 RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
@@ -24,6 +27,23 @@ RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states
 def plain(value: Any) -> Any:
     """A Hydra/OmegaConf node as plain Python containers (so checkpoints do not pickle OmegaConf)."""
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def plain_rng_states(states: dict) -> dict:
+    """Lightning's RNG states with numpy's (a tuple holding an ndarray) as a tensor: loadable with weights_only."""
+    states = dict(states)
+    if "numpy" in states and isinstance(states["numpy"][1], np.ndarray):
+        kind, keys, *rest = states["numpy"]
+        states["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), *rest)
+    return states
+
+
+def rng_states_from_plain(states: dict) -> dict:
+    states = dict(states)
+    if "numpy" in states and isinstance(states["numpy"][1], torch.Tensor):
+        kind, keys, *rest = states["numpy"]
+        states["numpy"] = (kind, keys.numpy().astype(np.uint32), *rest)
+    return states
 
 
 class GenerativeMethod(L.LightningModule):
@@ -47,6 +67,8 @@ class GenerativeMethod(L.LightningModule):
         net, optimizer, scheduler = plain(net), plain(optimizer), plain(scheduler)
         data_shape = list(data_shape)
         self.save_hyperparameters()
+        # Lightning collects the arguments from every __init__ frame, the callers' unconverted ones too
+        self.hparams.update(net=net, data_shape=data_shape, optimizer=optimizer, scheduler=scheduler)
         self.num_classes = num_classes if conditional else 0
         self.net = instantiate(net, data_shape=data_shape, num_classes=self.num_classes)
 
@@ -137,10 +159,16 @@ class GenerativeMethod(L.LightningModule):
         # so that a resumed run draws the noise the uninterrupted one would have drawn.
         cls = type(self)
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # never initialise CUDA just for this
-        checkpoint["fewstep"] = {"method_class": f"{cls.__module__}.{cls.__qualname__}", RNG_KEY: _collect_rng_states(cuda)}
+        # Plain containers only, so that fewstep reads its checkpoints with weights_only=True (no code from files):
+        # Lightning keeps the OmegaConf nodes the configs came in, and numpy's RNG state is a numpy array.
+        checkpoint["hyper_parameters"] = plain_tree(checkpoint.get("hyper_parameters", {}))
+        checkpoint.pop("hparams_type", None)
+        rng = plain_rng_states(_collect_rng_states(cuda))
+        checkpoint["fewstep"] = {"method_class": f"{cls.__module__}.{cls.__qualname__}", RNG_KEY: rng}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._resumed_rng = checkpoint.get("fewstep", {}).get(RNG_KEY)
+        states = checkpoint.get("fewstep", {}).get(RNG_KEY)
+        self._resumed_rng = None if states is None else rng_states_from_plain(states)
 
     def on_train_start(self) -> None:
         # after the checkpoint and the dataloaders: nothing else draws from the generators before the first step
@@ -149,3 +177,24 @@ class GenerativeMethod(L.LightningModule):
             _set_rng_states(states)
             self._resumed_rng = None
 
+
+
+class DenoiserMethod(GenerativeMethod):
+    """A method whose model is a denoiser D(x, sigma, class_labels) in EDM's sigma space, made from its network:
+    fewstep's networks get EDM's preconditioning (``sigma_data``), networks that carry their own (EDM's, diffusers')
+    are called as they are. Any such method can teach the Gaussian students (``fewstep.methods.teacher``)."""
+
+    kind_name = "an EDM-space denoiser"
+    teacher_source = "a method=edm_teacher run, an EDM network pickle or a diffusers folder (teacher.ckpt=PATH)"
+
+    def denoiser(self, x, sigma, class_labels=None):
+        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
+
+    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+        # A network trained on a bounded range of noise levels (EDM's VP, a DDPM) is sampled inside it, as EDM does.
+        low, high = getattr(self.net, "sigma_min", 0.0), getattr(self.net, "sigma_max", float("inf"))
+        if "sigma_min" not in options and low > 0.002:
+            options["sigma_min"] = float(low)
+        if "sigma_max" not in options and high < 80.0:
+            options["sigma_max"] = float(high)
+        return super().sample_batch(noise, sampler, nfe, class_labels, guidance, grid, **options)

@@ -60,10 +60,16 @@ class Consistency(DistilledStudent):
             raise ConfigError(f"method.guidance_range={list(guidance_range)}: need 0 <= w_min <= w_max")
         self.guided = bool(self.num_classes) and w_max > 0
         if self.guided:
+            if not hasattr(getattr(self.net, "embed", None), "enable_guidance"):
+                raise ConfigError(
+                    f"method.guidance_range={list(guidance_range)} feeds w to the student through a guidance embedding, "
+                    f"which fewstep's unet/mlp models have and a {type(self.net).__name__} has not: set "
+                    "method.guidance_range=[0,0] and method.guidance=W (one guidance scale) for this network"
+                )
             self.net.embed.enable_guidance()
         self.target_net = copy.deepcopy(self.net).requires_grad_(False)
 
-    def teacher_attached(self) -> None:
+    def teacher_attached(self, teacher) -> None:
         self.target_net.load_state_dict(self.net.state_dict())
 
     # -- grids ------------------------------------------------------------------------------------------------

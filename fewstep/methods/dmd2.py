@@ -11,9 +11,9 @@ from torch.nn import functional as F
 from fewstep.errors import ConfigError
 from fewstep.methods.base import plain
 from fewstep.methods.student import DistilledStudent
-from fewstep.networks.discriminators import Head, encoder_features
+from fewstep.networks.discriminators import Head
 from fewstep.networks.freezing import no_param_grads
-from fewstep.networks.preconditioning import edm_coefficients, edm_denoise
+from fewstep.networks.preconditioning import denoiser_features, edm_denoise
 from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
 from fewstep.samplers.grids import karras_warp
 
@@ -80,8 +80,8 @@ class DMD2(DistilledStudent):
             self.head = Head(features.shape[1], head_channels, self.num_classes, spatial=features.ndim == 4)
         self.automatic_optimization = False
 
-    def teacher_attached(self) -> None:
-        self.fake_net.load_state_dict(self.teacher.net.state_dict(), strict=False)
+    def teacher_attached(self, teacher) -> None:
+        self.fake_net.load_state_dict(teacher.net.state_dict(), strict=False)
 
     # -- grids ------------------------------------------------------------------------------------------------
     @property
@@ -96,10 +96,7 @@ class DMD2(DistilledStudent):
 
     def critic_features(self, x_noisy, sigma, class_labels):
         """The critic's bottleneck features at x_noisy (noise level ``sigma``), for the GAN head."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_noisy.device).expand(x_noisy.shape[0])
-        _, _, c_in, c_noise = edm_coefficients(sigma, self.hparams.sigma_data)
-        x = c_in.view((-1,) + (1,) * (x_noisy.ndim - 1)) * x_noisy
-        return encoder_features(self.fake_net, x, c_noise, class_labels)[-1]
+        return denoiser_features(self.fake_net, x_noisy, sigma, class_labels, self.hparams.sigma_data)[-1]
 
     def gan_logits(self, x_noisy, sigma, class_labels):
         return self.head(self.critic_features(x_noisy, sigma, class_labels), class_labels)

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 
-from fewstep.methods.base import GenerativeMethod
-from fewstep.networks.preconditioning import edm_denoise
+from fewstep.methods.base import DenoiserMethod
 from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
 
 
-class EDMTeacher(GenerativeMethod):
+class EDMTeacher(DenoiserMethod):
     """loss = lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2 with ln sigma ~ N(P_mean, P_std^2)."""
 
     def __init__(self, *args, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2, **kwargs):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters("sigma_data", "p_mean", "p_std")
-
-    def denoiser(self, x, sigma, class_labels=None):
-        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
 
     def loss(self, x0, class_labels, rng):
         hp = self.hparams

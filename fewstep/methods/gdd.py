@@ -13,10 +13,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn import functional as F
 
-from fewstep.checkpoints import ARCHITECTURE, first_difference
-from fewstep.errors import CheckpointError, ConfigError
-from fewstep.methods.base import GenerativeMethod, plain
+from fewstep.errors import ConfigError
+from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.noise import BatchNoise
+from fewstep.methods.teacher import TaughtMethod
 from fewstep.networks.discriminators import build_discriminator
 from fewstep.networks.freezing import freeze as freeze_layers
 from fewstep.networks.freezing import no_param_grads
@@ -25,7 +25,6 @@ from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
 
 LOSSES = ("nonsaturating", "hinge")
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
-TEACHER_HPARAMS = (*ARCHITECTURE, "sigma_data")
 
 
 # -- GAN losses --------------------------------------------------------------------------------------------
@@ -65,7 +64,7 @@ def double_backward_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-class GDD(GenerativeMethod):
+class GDD(TaughtMethod, DenoiserMethod):
     """One-step generator G(z) = D_theta(sigma_max z; sigma_max), trained by a GAN against real data.
 
     - ``denoiser`` is the generator's network with EDM preconditioning whose c_skip/c_out are shifted by
@@ -85,13 +84,16 @@ class GDD(GenerativeMethod):
       discriminator, so comparable across steps and runs (crude; the SamplerBenchmark callback gives the FID)
       -- and ``val/d_real``, ``val/d_fake``, the current discriminator's mean logits.
 
-    The teacher (an EDMTeacher of the same network) is attached with ``attach_teacher`` before fitting; it
-    is not kept. The checkpoint holds the generator and the discriminator (its frozen backbone included), so
+    The teacher (any EDM-space denoiser of the same network: a fewstep run, an EDM pickle, a diffusers folder)
+    is attached with ``attach_teacher`` before fitting; it is not kept. The checkpoint holds the generator and the discriminator (its frozen backbone included), so
     ``fewstep.checkpoints.load_method`` rebuilds the method without the teacher or any weights file.
     EMAWeightAveraging averages every parameter, the discriminator's too; sampling uses only ``net``.
     """
 
     sample_grid_nfe = 1  # the validation sample grid shows G(z), not the multi-step diagnostic
+    teacher_kind = DenoiserMethod
+    teacher_hparams = ("sigma_data",)
+    keeps_teacher = False  # the generator starts from it; nothing else needs it
 
     def __init__(
         self, *args, sigma_max: float = 80.0, eps: float = 2e-3, sigma_data: float = 0.5, loss: str = "nonsaturating",
@@ -123,24 +125,16 @@ class GDD(GenerativeMethod):
             sigma_data=sigma_data,
         )
         self.automatic_optimization = False
-        self.teacher_attached = False
+        self.has_teacher = False
 
     # -- the teacher -----------------------------------------------------------------------------------
-    def attach_teacher(self, teacher, path=None) -> None:
-        """Start the generator from ``teacher``'s weights (read from ``path``) and load the discriminator's backbone.
-
-        The teacher is not kept (neither a submodule nor in the checkpoint); frozen layers stay frozen.
-        ``path``, when given, is recorded as the ``teacher_ckpt`` hyperparameter.
-        """
-        check_teacher(teacher, self, path or self.hparams.teacher_ckpt)
-        if path is not None:
-            self.hparams.teacher_ckpt = str(path)
-        self.net.load_state_dict(teacher.net.state_dict())
+    def teacher_attached(self, teacher) -> None:
+        """The generator starts from the teacher (TaughtMethod copies its weights); the discriminator's backbone too."""
         self.discriminator.initialize(teacher.net)
-        self.teacher_attached = True
+        self.has_teacher = True
 
     def on_fit_start(self) -> None:
-        if not self.teacher_attached and self.trainer.ckpt_path is None:
+        if not self.has_teacher and self.trainer.ckpt_path is None:
             raise ConfigError(
                 "gdd has no teacher: call attach_teacher(teacher) before fitting (python -m fewstep.train method=gdd "
                 "teacher.ckpt=PATH to an edm_teacher checkpoint), or resume with ckpt_path=PATH"
@@ -265,21 +259,4 @@ class GDD(GenerativeMethod):
         raise NotImplementedError("gdd trains by a GAN in training_step; it has no single regression loss")
 
 
-def check_teacher(teacher, student: GDD, path) -> None:
-    """One line naming why ``teacher`` (from ``path``) cannot start ``student``: another method or architecture."""
-    where = f"teacher checkpoint '{path}'" if path else "the teacher"
-    # By class name: a method never imports another method.
-    if not any(cls.__name__ == "EDMTeacher" for cls in type(teacher).__mro__):
-        raise CheckpointError(
-            f"{where} holds a {type(teacher).__name__}, not an EDM teacher: gdd starts from a method=edm_teacher run"
-        )
-    key = first_difference(student.hparams, teacher.hparams, TEACHER_HPARAMS)
-    if key:
-        ours, theirs = student.hparams.get(key), teacher.hparams.get(key)
-        raise CheckpointError(
-                f"{where} does not match this generator: its {key} is {theirs}, the generator's is {ours}; "
-                "use the teacher's model/data settings or another teacher"
-            )
-
-
-__all__ = ["GDD", "check_teacher", "discriminator_loss", "generator_loss", "moment_gap", "r1_penalty"]
+__all__ = ["GDD", "discriminator_loss", "generator_loss", "moment_gap", "r1_penalty"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.checkpoints import ARCHITECTURE, first_difference
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.kac_teacher import KAC_HPARAMS, KacTeacher
+from fewstep.methods.teacher import TaughtMethod
 from fewstep.samplers.kac import KAC_SOLVERS
 
 
-class KacEndpoint(KacTeacher):
+class KacEndpoint(TaughtMethod, KacTeacher):
     """The student takes one Euler step of size D = T / M where a frozen teacher takes N = teacher_steps / M.
 
     From x_{t_k} (a draw of the forward path at a grid time t_k = T - k D), the teacher integrates N
@@ -21,6 +21,9 @@ class KacEndpoint(KacTeacher):
     The teacher is attached with ``attach_teacher`` before fitting; it is not a submodule, so neither the
     checkpoint nor the EMA average carries it (``teacher_ckpt`` records where it came from).
     """
+
+    teacher_kind = KacTeacher
+    teacher_hparams = KAC_HPARAMS
 
     def __init__(
         self, *args, student_steps: int = 1, teacher_steps: int = 100, teacher_sampler: str = "kac_euler",
@@ -33,20 +36,9 @@ class KacEndpoint(KacTeacher):
             raise ConfigError(
                 f"teacher sampler '{teacher_sampler}' cannot integrate a Kac flow: use one of {', '.join(sorted(KAC_SOLVERS))}"
             )
-        self.teacher: KacTeacher | None = None
-
-    def attach_teacher(self, teacher: KacTeacher, path=None, init_student: bool = True) -> None:
-        """Freeze ``teacher`` (read from ``path``) as this stage's target; by default start the student from it."""
-        check_teacher(teacher, self, path or self.hparams.teacher_ckpt)
-        teacher = teacher.eval().requires_grad_(False)
-        object.__setattr__(self, "teacher", teacher)  # not registered: stays out of state_dict and the EMA
-        if init_student:
-            self.net.load_state_dict(teacher.net.state_dict())
 
     def on_fit_start(self) -> None:
-        if self.teacher is None:
-            raise ConfigError("kac_endpoint has no teacher: call attach_teacher(teacher) before fitting")
-        self.teacher.to(self.device)
+        self.require_teacher()
 
     def teacher_endpoint(self, x: torch.Tensor, t: torch.Tensor, class_labels) -> torch.Tensor:
         """The teacher's N sub-steps from each sample's own t down to t - D."""
@@ -97,15 +89,3 @@ def require_kac(teacher, path) -> None:
         raise CheckpointError(
             f"{where} holds a {type(teacher).__name__}, not a Kac model: kac_endpoint distils a method=kac_teacher run"
         )
-
-
-def check_teacher(teacher, student: KacTeacher, path) -> None:
-    """One line naming why ``teacher`` (from ``path``) cannot teach ``student``: another process or architecture."""
-    require_kac(teacher, path)
-    where = f"teacher checkpoint '{path}'" if path else "the teacher"
-    key = first_difference(teacher.hparams, student.hparams, (*KAC_HPARAMS, *ARCHITECTURE))
-    if key:
-        raise CheckpointError(
-                f"{where} does not match this student: its {key} is {teacher.hparams.get(key)}, the student's is "
-                f"{student.hparams.get(key)}; use the teacher's model/data settings or another teacher"
-            )

@@ -19,6 +19,9 @@ class KacTeacher(GenerativeMethod):
     class-conditional models take velocity-space guidance u_w = (1 + w) u(x, t | y) - w u(x, t | empty).
     """
 
+    kind_name = "a Kac model"  # what DistillKac's teacher must be (fewstep.methods.teacher)
+    teacher_source = "a method=kac_teacher run"
+
     def __init__(
         self, *args, a: float = 9.0, c: float = 3.0, T: float = 1.0, f: str = "linear", g: str = "linear",
         t_min: float = 1e-3, **kwargs,

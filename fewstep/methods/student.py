@@ -18,16 +18,14 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from fewstep.checkpoints import ARCHITECTURE, first_difference
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights, draw_sources
-from fewstep.errors import CheckpointError, ConfigError
-from fewstep.methods.base import GenerativeMethod, plain
+from fewstep.errors import ConfigError
+from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.noise import BatchNoise
-from fewstep.networks.preconditioning import edm_denoise
+from fewstep.methods.teacher import TaughtMethod
 from fewstep.samplers import SOLVERS, guided_denoiser
 from fewstep.samplers.grids import nested_sigmas
 
-TEACHER_HPARAMS = (*ARCHITECTURE, "sigma_data")
 DATA_RANGE = (-1.0, 1.0)
 DDIL_KEYS = {"base", "b_fwd", "b_teacher", "b_student", "buffer", "reflect"}
 
@@ -48,8 +46,9 @@ def level_index(sigma: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return (sigma.log()[:, None] - levels.log()[None, :]).abs().argmin(1)
 
 
-class DistilledStudent(GenerativeMethod):
-    """An EDM-space student of a frozen teacher denoiser (an edm_teacher run or an earlier student).
+class DistilledStudent(TaughtMethod, DenoiserMethod):
+    """An EDM-space student of a frozen teacher denoiser (an edm_teacher run, an EDM pickle, a diffusers folder, or
+    an earlier student), whose network it starts from (``fewstep.methods.teacher``).
 
     Subclasses define ``teacher_steps`` (the teacher's grid for its rollouts; it must contain
     ``state_sigmas``), ``student_sampler`` (the solver the student's grid is made for) and
@@ -58,6 +57,9 @@ class DistilledStudent(GenerativeMethod):
     """
 
     student_sampler = "euler"
+    teacher_kind = DenoiserMethod
+    teacher_hparams = ("sigma_data",)
+    student_only = ("embed.guidance",)  # consistency's guidance embedding
 
     def __init__(
         self, *args, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -75,37 +77,14 @@ class DistilledStudent(GenerativeMethod):
             if unknown:
                 raise ConfigError(f"ddil takes {', '.join(sorted(DDIL_KEYS))}, not '{unknown[0]}'")
             check_weights([ddil.get(f"b_{source}", 0.0) for source in SOURCES])
-        self.teacher = None
 
     # -- the teacher -----------------------------------------------------------------------------------------
     @property
     def reflecting(self) -> bool:
         return bool((self.hparams.ddil or {}).get("reflect", False))
 
-    def attach_teacher(self, teacher, path=None, init_student: bool = True) -> None:
-        """Freeze ``teacher`` (read from ``path``) as the target; by default start the student from its weights."""
-        check_teacher(teacher, self, path or self.hparams.teacher_ckpt, type(self).__name__.lower())
-        if path is not None:
-            self.hparams.teacher_ckpt = str(path)
-        teacher = teacher.eval().requires_grad_(False)
-        object.__setattr__(self, "teacher", teacher)  # not registered: out of state_dict and the EMA
-        if init_student:
-            missing, unexpected = self.net.load_state_dict(teacher.net.state_dict(), strict=False)
-            extra = [k for k in missing if not k.startswith("embed.guidance")]  # a student-only embedding
-            if extra or unexpected:
-                raise CheckpointError(f"the teacher's network does not fit the student's: {(extra + unexpected)[0]}")
-        self.teacher_attached()
-
-    def teacher_attached(self) -> None:
-        """Hook for what a subclass builds from the teacher (target network, critic)."""
-
     def on_fit_start(self) -> None:
-        if self.teacher is None:
-            raise ConfigError(
-                f"{type(self).__name__.lower()} has no teacher: call attach_teacher(teacher) before fitting "
-                "(python -m fewstep.train method=... teacher.ckpt=PATH finds or trains one)"
-            )
-        self.teacher.to(self.device)
+        self.require_teacher()
         if self.hparams.ddil is not None and not isinstance(getattr(self.trainer, "datamodule", None), RolloutStates):
             raise ConfigError("a DDIL student needs its rollout buffers: fit it with datamodule=fewstep.data.rollout.RolloutStates(data)")
 
@@ -139,9 +118,6 @@ class DistilledStudent(GenerativeMethod):
     @property
     def teacher_steps(self) -> int:
         raise NotImplementedError
-
-    def denoiser(self, x, sigma, class_labels=None):
-        return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
 
     def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
         """Any diffusion sampler on ``denoiser``; by default on the nested grid the student was trained on."""
@@ -249,22 +225,4 @@ class DistilledStudent(GenerativeMethod):
             )
 
 
-def check_teacher(teacher, student, path, name: str) -> None:
-    """One line naming why ``teacher`` (from ``path``) cannot teach ``student``: no denoiser, or another network."""
-    where = f"teacher checkpoint '{path}'" if path else "the teacher"
-    # By class name: a method never imports another method.
-    kinds = {cls.__name__ for cls in type(teacher).__mro__}
-    if not kinds & {"EDMTeacher", "DistilledStudent"}:
-        raise CheckpointError(
-            f"{where} holds a {type(teacher).__name__}, not an EDM-space denoiser: {name} distils a "
-            "method=edm_teacher run (teacher.ckpt=PATH)"
-        )
-    key = first_difference(student.hparams, teacher.hparams, TEACHER_HPARAMS)
-    if key:
-        raise CheckpointError(
-            f"{where} does not match this student: its {key} is {teacher.hparams.get(key)}, the student's is "
-            f"{student.hparams.get(key)}; use the teacher's model/data settings or another teacher"
-        )
-
-
-__all__ = ["DistilledStudent", "check_teacher", "ddim_step", "level_index", "reflect"]
+__all__ = ["DistilledStudent", "ddim_step", "level_index", "reflect"]

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from fewstep.errors import ConfigError, one_line
 from fewstep.networks.mlp import MLP
-from fewstep.networks.preconditioning import edm_coefficients
+from fewstep.networks.preconditioning import PreconditionedDenoiser, denoiser_features
 from fewstep.networks.unet import UNet
 
 
@@ -114,9 +114,10 @@ class TeacherEncoderDiscriminator(_FrozenBackbone):
             del backbone.up, backbone.upsample, backbone.norm_out, backbone.conv_out  # the decoder is not used
         elif isinstance(backbone, MLP):
             del backbone.norm_out, backbone.fc_out
-        else:
+        elif not isinstance(backbone, PreconditionedDenoiser):  # those run whole, their encoder's outputs hooked
             raise ConfigError(
-                f"the teacher_encoder discriminator reads a UNet or MLP teacher, not a {type(backbone).__name__}: "
+                f"the teacher_encoder discriminator reads a UNet, MLP or preconditioned (EDM, diffusers) teacher, not a "
+                f"{type(backbone).__name__}: "
                 "use method.discriminator.kind=conv"
             )
         self.backbone = backbone
@@ -135,11 +136,9 @@ class TeacherEncoderDiscriminator(_FrozenBackbone):
 
     def features(self, x: torch.Tensor, class_labels: torch.Tensor | None) -> list[torch.Tensor]:
         sigma = torch.full((x.shape[0],), self.sigma, device=x.device, dtype=torch.float32)
-        _, _, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         if self.add_noise:
             x = x + self.sigma * torch.randn_like(x)
-        x = c_in.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) * x
-        return encoder_features(self.backbone, x, c_noise, class_labels)
+        return denoiser_features(self.backbone, x, sigma, class_labels, self.sigma_data)
 
 
 def encoder_features(net: nn.Module, x: torch.Tensor, c_noise: torch.Tensor, class_labels=None) -> list[torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Readers of models written by other projects."""

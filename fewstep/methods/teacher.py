@@ -1,0 +1,96 @@
+"""The frozen teacher of a distillation method, written once: what may teach a student, and how it is attached.
+
+A teacher is a model of the student's kind (``teacher_kind``): for the Gaussian students (progressive,
+consistency, DMD2, GDD) any ``DenoiserMethod``, i.e. anything whose ``denoiser(x, sigma, class_labels)`` is
+D in EDM's sigma space (a fewstep run, or an EDM pickle or a diffusers folder read by
+``fewstep.checkpoints.load_method``); for DistillKac a ``KacTeacher``. It is checked by type and by the
+settings its weights depend on, frozen, kept out of the student's state_dict and EMA, and the student's
+network starts from its weights.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fewstep.errors import CheckpointError, ConfigError
+
+ARCHITECTURE = ("net",)  # with the data shape and the class count in use, what teacher and student weights share
+
+
+class TaughtMethod:
+    """Mixin for a LightningModule distilled from a frozen teacher.
+
+    Class attributes: ``teacher_kind`` (the class a teacher must be an instance of), ``teacher_hparams`` (the
+    hyperparameters that must match, beyond the architecture), ``keeps_teacher`` (False: the student only
+    starts from it, as GDD does), ``student_only`` (prefixes of the student's tensors the teacher lacks).
+    """
+
+    teacher_kind: type
+    teacher_hparams: tuple[str, ...] = ()
+    keeps_teacher = True
+    student_only: tuple[str, ...] = ()
+    teacher = None
+
+    def attach_teacher(self, teacher, path=None, init_student: bool = True) -> None:
+        """Freeze ``teacher`` (read from ``path``, recorded as ``teacher_ckpt``); start the student from its weights."""
+        check_teacher(teacher, self, path or self.hparams.get("teacher_ckpt"))
+        if path is not None:
+            self.hparams.teacher_ckpt = str(path)
+        teacher = teacher.eval().requires_grad_(False)
+        if self.keeps_teacher:
+            object.__setattr__(self, "teacher", teacher)  # not registered: out of state_dict and the EMA
+        if init_student:
+            start_from(self.net, teacher.net, self.student_only)
+        self.teacher_attached(teacher)
+
+    def teacher_attached(self, teacher) -> None:
+        """Hook for what a method builds from the teacher (target network, critic, discriminator backbone)."""
+
+    def require_teacher(self) -> None:
+        """At fit start: the teacher must be attached (and moved to this device) when the method keeps one."""
+        if self.keeps_teacher and self.teacher is None:
+            name = type(self).__name__.lower()
+            raise ConfigError(
+                f"{name} has no teacher: call attach_teacher(teacher) before fitting (python -m fewstep.train "
+                f"method=... teacher.ckpt=PATH finds or trains one)"
+            )
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+
+def start_from(student: nn.Module, teacher: nn.Module, student_only: tuple[str, ...] = ()) -> None:
+    """Copy the teacher network's weights into the student's; only tensors named in ``student_only`` may be missing."""
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    extra = [key for key in missing if not key.startswith(student_only)]
+    if extra or unexpected:
+        raise CheckpointError(f"the teacher's network does not fit the student's: {(extra + unexpected)[0]}")
+
+
+def check_teacher(teacher, student, path) -> None:
+    """One line naming why ``teacher`` (from ``path``) cannot teach ``student``: its kind or its settings."""
+    where = f"teacher checkpoint '{path}'" if path else "the teacher"
+    name = type(student).__name__.lower()
+    kind = student.teacher_kind
+    if not isinstance(teacher, kind):
+        raise CheckpointError(
+            f"{where} holds a {type(teacher).__name__}, not {kind.kind_name}: {name} distils {kind.teacher_source}"
+        )
+    if list(teacher.hparams.data_shape) != list(student.hparams.data_shape):
+        raise CheckpointError(
+            f"{where} makes images of shape {list(teacher.hparams.data_shape)} and this data set has "
+            f"{list(student.hparams.data_shape)}: use the teacher's data (channels and data.resolution)"
+        )
+    if teacher.num_classes != student.num_classes:
+        raise CheckpointError(
+            f"{where} does not match this student: it is conditioned on {teacher.num_classes} classes, the student on "
+            f"{student.num_classes}; set method.conditional to the teacher's (and data with its classes)"
+        )
+    for key in (*ARCHITECTURE, *student.teacher_hparams):
+        if teacher.hparams.get(key) != student.hparams.get(key):
+            raise CheckpointError(
+                f"{where} does not match this student: its {key} is {teacher.hparams.get(key)}, the student's is "
+                f"{student.hparams.get(key)}; use the teacher's model/data settings or another teacher"
+            )
+
+
+__all__ = ["TaughtMethod", "check_teacher", "start_from"]
