@@ -7,6 +7,8 @@ import functools
 import sys
 from pathlib import Path
 
+from hydra.errors import InstantiationException
+
 from fewstep.errors import FewstepError, one_line
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -49,5 +51,12 @@ def user_errors(task):
             return task(*args, **kwargs)
         except FewstepError as error:
             fail(str(error))
+        except InstantiationException as error:  # hydra's instantiate wraps what a constructor raised
+            cause = error.__cause__
+            while cause is not None and not isinstance(cause, FewstepError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            fail(str(cause))
 
     return wrapper

@@ -2,13 +2,19 @@
 
 The row goes to ``result.json`` in the run directory; with Hydra multirun each job writes its own,
 and ``python -m fewstep.report DIR`` turns a multirun directory into a table and an FID-vs-NFE plot.
+
+The papers' protocol: ``ref=PATH.npz`` (EDM's / ADM's ``mu``, ``sigma``, or ``python -m fewstep.fid_reference``)
+replaces the training images as the real statistics, ``repeats=K`` scores K sample sets with disjoint seeds
+and reports the best (EDM's practice), mean and std, and ``protocol=paper`` sets metric=fid n=50000 repeats=3.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -22,15 +28,15 @@ from fewstep.cli import check_overrides, user_errors
 from fewstep.errors import ConfigError
 from fewstep.generate import generate
 from fewstep.images import to_uint8
-from fewstep.metrics.score import check_metric, feature_extractor, reference_key, score
+from fewstep.metrics.score import check_metric, feature_extractor, reference_key, score, score_against_file
 from fewstep.sample import resolve_device
 
 
-def training_config(ckpt: str, data_config: str | None) -> DictConfig:
+def training_config(ckpt: str, data_config: str | None, required: bool = True) -> DictConfig | None:
     """The training run's config: ``data_config``, or the nearest .hydra/config.yaml above the checkpoint.
 
     A plain run keeps it at <run>/.hydra; a staged run's checkpoints sit one level deeper, in
-    <run>/stage<i>_<M>steps/checkpoints.
+    <run>/stage<i>_<M>steps/checkpoints. Not ``required`` (real statistics from ref=), a missing one is None.
     """
     if data_config:
         path = Path(data_config)
@@ -38,6 +44,8 @@ def training_config(ckpt: str, data_config: str | None) -> DictConfig:
         found = [d / ".hydra" / "config.yaml" for d in Path(ckpt).resolve().parents if (d / ".hydra" / "config.yaml").is_file()]
         path = found[0] if found else Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
     if not path.is_file():
+        if not required:
+            return None
         raise ConfigError(
             f"no training config at '{path}': pass data_config=PATH to the .hydra/config.yaml of the run "
             "that wrote the checkpoint, so that the reference images come from its data set"
@@ -49,41 +57,132 @@ def evaluate(cfg: DictConfig) -> dict:
     check_metric(cfg.metric)
     if cfg.n < 1:
         raise ConfigError(f"n={cfg.n}: ask for at least one image (n>=1)")
+    reference = file_reference(cfg)  # None: the real statistics come from the training images
+    seeds = repeat_seeds(cfg.seed, cfg.n, cfg.get("repeats", 1))
     device = resolve_device(cfg.device)
-    train_cfg = training_config(cfg.ckpt, cfg.data_config)
+    # With ref= the training config only names the data set in the row; never required then (unless given).
+    train_cfg = training_config(cfg.ckpt, cfg.data_config, required=reference is None or bool(cfg.data_config))
     method = load_method(cfg.ckpt, map_location=device)
     if cfg.guidance and not method.num_classes:
         raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
-    datamodule = instantiate(train_cfg.data)
-    real = datamodule.real_images(cfg.n)
-
-    options = {key: value for key, value in cfg.sampler.items() if key != "name"}
-    start = time.perf_counter()
-    samples, _, nfe = generate(
-        method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size, cfg.grid, **options
-    )
-    seconds = time.perf_counter() - start
-    data_name = train_cfg.data._target_.rpartition(".")[2]
+    datamodule = None if reference is not None else instantiate(train_cfg.data)
+    real = None if reference is not None else datamodule.real_images(cfg.n)
+    data_name = None if train_cfg is None else train_cfg.data._target_.rpartition(".")[2]
     cache_dir = Path(cfg.cache_dir).expanduser()
     extractor = feature_extractor(cfg.metric, datamodule, data_name, cache_dir).to(device)
-    key = reference_key(data_name, datamodule.shape, cfg.metric, len(real))
-    value = score(cfg.metric, extractor, real, to_uint8(samples), key, cache_dir, cfg.batch_size)
+    key = None if reference is not None else reference_key(data_name, datamodule.shape, cfg.metric, len(real))
+
+    def score_set(fake):
+        if reference is not None:
+            return score_against_file(extractor, reference, fake, cfg.batch_size)
+        return score(cfg.metric, extractor, real, fake, key, cache_dir, cfg.batch_size)
+
+    values, first, nfe, seconds = sample_and_score(cfg, method, seeds, score_set)
+    repeats = summarise_repeats(values, seeds)
+    value = repeats.get("best", values[0])
     row = {
         "metric": cfg.metric, "value": value, "sampler": cfg.sampler.name, "nfe_budget": cfg.nfe, "nfe": nfe,
-        "grid": cfg.grid, "guidance": cfg.guidance, "n": cfg.n, "n_real": len(real), "seed": cfg.seed,
-        "images_per_second": cfg.n / seconds, "data": data_name,
+        "grid": cfg.grid, "guidance": cfg.guidance, "n": cfg.n,
+        "n_real": len(real) if reference is None else (None if reference["assumed_n"] else reference["n"]),
+        "seed": cfg.seed, "images_per_second": cfg.n * len(seeds) / seconds, "data": data_name,
         "ckpt": str(Path(cfg.ckpt).resolve()), "sampler_options": OmegaConf.to_container(cfg.sampler),
-        "device": str(device),
+        "device": str(device), **repeats,
     }
+    if reference is not None:
+        row["ref"] = reference["path"]
+    if cfg.get("protocol"):
+        row["protocol"] = cfg.protocol
     if cfg.metric == "fid_domain":
         row["domain_classifier_accuracy"] = extractor.accuracy  # fid_domain is not comparable with published FID
-        row.update(diversity(extractor, real, to_uint8(samples), datamodule.num_classes, cfg.batch_size))
+        row.update(diversity(extractor, real, first, datamodule.num_classes, cfg.batch_size))
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(row, indent=2))
     extra = "".join(f", {key} {row[key]:.3f}" for key in ("precision", "recall", "class_entropy") if key in row)
-    Console().print(f"{cfg.metric} = {value:.4g}{extra}  ({cfg.sampler.name}, {nfe} NFE, n = {cfg.n}) -> {out / 'result.json'}")
+    if "values" in repeats:
+        extra += (
+            f"  (best of {len(values)} seed sets: {', '.join(f'{v:.4g}' for v in values)}; "
+            f"mean {repeats['mean']:.4g} +- {repeats['std']:.2g})"
+        )
+    against = f", against {reference['path']}" if reference is not None else ""
+    Console().print(
+        f"{cfg.metric} = {value:.4g}{extra}  ({cfg.sampler.name}, {nfe} NFE, n = {cfg.n}{against}) -> {out / 'result.json'}",
+        soft_wrap=True,
+    )
     return row
+
+
+def sample_and_score(
+    cfg: DictConfig, method, seeds: list[int], score_set
+) -> tuple[list[float], torch.Tensor, int, float]:
+    """Draw cfg.n samples from each first seed in ``seeds`` and score them with ``score_set(uint8 images)``.
+
+    One sample set is in memory at a time (50,000 images at 3 x 32 x 32 are 600 MB as floats). Returns the
+    values, the first set as uint8 (for fid_domain's diversity), the NFE as counted and the sampling seconds.
+    """
+    options = {key: value for key, value in cfg.sampler.items() if key != "name"}
+    values, first, seconds = [], None, 0.0
+    for seed in seeds:
+        start = time.perf_counter()
+        samples, _, nfe = generate(
+            method, cfg.n, cfg.sampler.name, cfg.nfe, seed, cfg.guidance, cfg.batch_size, cfg.grid, **options
+        )
+        seconds += time.perf_counter() - start
+        fake = to_uint8(samples)
+        del samples
+        values.append(score_set(fake))
+        first = fake if first is None else first
+    return values, first, nfe, seconds
+
+
+def file_reference(cfg: DictConfig) -> dict | None:
+    """The real statistics of ``ref=PATH.npz`` (metric=fid only; required by protocol=paper), or None without ref."""
+    from fewstep.metrics.reference import MAKE_REFERENCE, read_npz_reference
+
+    ref, protocol = cfg.get("ref"), cfg.get("protocol")
+    if protocol == "paper":
+        if not ref:
+            raise ConfigError(
+                "protocol=paper needs ref=PATH.npz: the reference statistics (mu, sigma) of the whole training set, "
+                f"EDM's fid-refs file (e.g. cifar10-32x32.npz) or one made by `{MAKE_REFERENCE}`"
+            )
+        paper = {"metric": "fid", "n": 50_000, "repeats": 3}
+        changed = [f"{name}={cfg.get(name)}" for name, value in paper.items() if cfg.get(name) != value]
+        if changed:
+            warnings.warn(
+                f"protocol=paper with {', '.join(changed)}: not the papers' setting "
+                "(metric=fid n=50000 repeats=3), so the result is not comparable with published FID",
+                stacklevel=2,
+            )
+    if not ref:
+        return None
+    if cfg.metric != "fid":
+        raise ConfigError(
+            f"ref= holds FID Inception statistics, which metric={cfg.metric} cannot use: "
+            "use metric=fid, or drop ref= to score against the training images"
+        )
+    reference = read_npz_reference(ref)
+    reference["path"] = str(Path(ref).expanduser().resolve())
+    return reference
+
+
+def repeat_seeds(seed: int, n: int, repeats: int) -> list[int]:
+    """First seeds of ``repeats`` sample sets of n images: set k uses seeds seed + k n .. seed + (k + 1) n - 1,
+    so no two sets share a seed (image i of a set uses its first seed + i)."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats={repeats}: score at least one sample set (repeats>=1)")
+    return [seed + k * n for k in range(repeats)]
+
+
+def summarise_repeats(values: list[float], seeds: list[int]) -> dict:
+    """Every value, its set's first seed, the best (lowest: EDM reports the best of three) and mean and
+    std (sample std, ddof = 1) over the sets; nothing for a single set, whose row keeps its old keys."""
+    if len(values) < 2:
+        return {}
+    return {
+        "repeats": len(values), "values": values, "seeds": seeds, "best": min(values),
+        "mean": statistics.fmean(values), "std": statistics.stdev(values),
+    }
 
 
 @torch.no_grad()

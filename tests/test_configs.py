@@ -23,6 +23,13 @@ def test_data_configs_instantiate(compose_cfg, choice, tmp_path):
             (tmp_path / "images" / name).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(tmp_path / "images" / name / "a.png")
         overrides.append(f"data.root={tmp_path / 'images'}")
+    if choice == "edm_zip":  # needs a folder (or zip) of images, as EDM's dataset_tool.py writes it
+        from PIL import Image
+
+        (tmp_path / "edm" / "00000").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "edm" / "00000" / "img00000000.png")
+        (tmp_path / "edm" / "dataset.json").write_text('{"labels": [["00000/img00000000.png", 1]]}')
+        overrides.append(f"data.path={tmp_path / 'edm'}")
     cfg = compose_cfg("train", overrides)
     datamodule = instantiate(cfg.data)
     # shape and class count are known before any file is read

@@ -4,6 +4,7 @@ with ``teacher.ckpt=PATH`` and samples from its own checkpoint."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from conftest import TINY, run_module
 from fewstep.checkpoints import load_method
-from fewstep.errors import CheckpointError
+from fewstep.errors import CheckpointError, ConfigError
 from fewstep.generate import generate
 from fewstep.methods import EDMTeacher
 from fewstep.train import train
@@ -86,6 +87,7 @@ METHODS = {
     "consistency": ["method=consistency", "method.teacher_steps=8", "method.sample_steps=2"],
     "dmd2": ["method=dmd2", "method.student_steps=2", "method.critic_steps=1"],
     "gdd": ["method=gdd"],  # the default discriminator: the teacher's own encoder
+    "gdd_i": ["method=gdd", "method.freeze.level=1"],  # GDD-I: EDM's UNet blocks frozen (diffusers': refused)
     "ddil_progressive": ["method=ddil", "ddil.base=progressive", "method.progressive.start_steps=4",
                          "method.progressive.end_steps=2", "method.progressive.steps_per_round=2",
                          "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
@@ -107,6 +109,11 @@ def test_every_distillation_method_trains_from_an_outside_teacher_and_samples(
         "data.val_size=4", "data.batch_size=4", f"teacher.ckpt={teachers[kind]}", f"paths.root={tmp_path}/outputs",
         "callbacks.sample_grid.n=2", "trainer.max_steps=2", "trainer.val_check_interval=2", *CHECKPOINTS,
     ]
+    if method == "gdd_i" and kind == "diffusers":
+        with pytest.raises(Exception, match="has no layers GDD-I can freeze") as error:  # hydra wraps the ConfigError
+            train(compose_cfg("train", overrides))
+        assert isinstance(error.value.__cause__, ConfigError)
+        return
     metrics = train(compose_cfg("train", overrides))
     assert np.isfinite(metrics["val/loss"])
     checkpoints = sorted(tmp_path.rglob("checkpoints/last.ckpt"))  # progressive: one per round, the last round's last
@@ -114,7 +121,7 @@ def test_every_distillation_method_trains_from_an_outside_teacher_and_samples(
     teacher = load_method(teachers[kind])
     # the student runs the teacher's architecture (model=unet_small was replaced by it), not this run's model
     assert student.hparams.net == teacher.hparams.net and type(student.net) is type(teacher.net)
-    sampler, nfe = ("euler", 1) if method == "gdd" else ("consistency" if "consistency" in method else "euler", 2)
+    sampler, nfe = ("euler", 1) if method.startswith("gdd") else ("consistency" if "consistency" in method else "euler", 2)
     samples, _, used = generate(student, 2, sampler, nfe)
     assert used == nfe and samples.shape == (2, 3, 8, 8) and torch.isfinite(samples).all()
 
@@ -134,3 +141,24 @@ def test_an_unconditional_student_of_a_conditional_teacher_is_refused_in_one_lin
                                 f"paths.root={tmp_path}/outputs"])
     with pytest.raises(CheckpointError, match="conditioned on 4 classes, the student on 0"):
         train(cfg)
+
+
+@pytest.mark.parametrize("kind", ["edm_pickle", "diffusers"])
+def test_fewstep_evaluate_scores_an_outside_teacher_against_reference_statistics_in_edms_format(teachers, kind, tmp_path):
+    from fewstep.metrics.inception_weights import find_weights
+
+    try:
+        find_weights()
+    except Exception:
+        pytest.skip("FID weights absent: run 'python -m fewstep.metrics.weights'")
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(4096, 2048)) * 0.1
+    np.savez(tmp_path / "ref.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False))  # EDM's fid.py ref format
+    result = run_module(
+        "fewstep.evaluate", f"ckpt={teachers[kind]}", f"ref={tmp_path / 'ref.npz'}", "metric=fid", "n=6", "nfe=3",
+        "repeats=2", "batch_size=6", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads((tmp_path / "eval" / "result.json").read_text())
+    assert row["nfe"] == 3 and len(row["values"]) == 2 and row["value"] == min(row["values"]) > 0
+    assert row["seeds"] == [0, 6]  # two disjoint seed sets

@@ -116,6 +116,27 @@ def test_freeze_levels_grow_and_resampling_can_stay_trainable():
     assert not any(n.startswith(("downsample", "upsample")) for n in frozen_names(net))
 
 
+def test_gdd_i_levels_on_edms_cifar10_ddpmpp_freeze_what_the_paper_reports():
+    # GDD-I reports about 84 / 86 / 90 % of the parameters frozen at levels 1 / 2 / 3 on EDM's CIFAR-10 DDPM++
+    from omegaconf import OmegaConf
+
+    from fewstep.cli import CONF_DIR
+    from fewstep.networks.edm import UNetBlock, edm_denoiser
+
+    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "edm_ddpmpp_cifar.yaml"))
+    config.pop("_target_")
+    fractions = []
+    for level in (1, 2, 3):
+        with torch.device("meta"):  # the full 56M-parameter network, without allocating it
+            net = edm_denoiser([3, 32, 32], 0, **config)
+        fractions.append(freeze(net, level))
+        # what stays trainable: norms, embeddings, each block's affine, the first and last convolutions
+        assert all(p.requires_grad for name, p in net.named_parameters() if re.search(r"norm|map_|affine|_conv\.", name))
+        assert all(not block.conv0.weight.requires_grad for block in net.modules() if isinstance(block, UNetBlock))
+    assert fractions == sorted(fractions)
+    assert fractions == pytest.approx([0.84, 0.86, 0.90], abs=0.02)
+
+
 def test_freeze_ratio_freezes_whole_eligible_layers_up_to_the_target():
     level3 = tiny_unet()
     eligible = frozen_names(level3) if freeze(level3, 3) else set()

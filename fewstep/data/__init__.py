@@ -1,5 +1,6 @@
 """Data modules: image data sets and Gaussian mixtures with an exact denoiser."""
 
+from fewstep.data.edm_zip import EDMZip
 from fewstep.data.gaussian import Gaussian
 from fewstep.data.gmm import GaussianMixture, GMMDataModule
 from fewstep.data.images import CIFAR10, Digits, FashionMNIST, ImageDataModule, ImageFolder, MNIST5k
@@ -11,6 +12,7 @@ __all__ = [
     "FashionMNIST",
     "CIFAR10",
     "ImageFolder",
+    "EDMZip",
     "Gaussian",
     "GaussianMixture",
     "GMMDataModule",

@@ -3,20 +3,35 @@
 The features are accumulated by torchmetrics' FrechetInceptionDistance itself, and `load_reference`
 writes them back into its real-feature states, so FID against cached statistics is computed by
 torchmetrics exactly as if the real images had been fed to it again.
+
+The papers' statistics (EDM's fid.py `ref` files, ADM's reference batches) are `.npz` files with `mu`
+[2048] and `sigma` [2048, 2048] in float64; `read_npz_reference` / `write_npz_reference` read and write
+that format (ours add `n` and `note`), and `python -m fewstep.fid_reference` makes one from a data set.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from fewstep.errors import ConfigError
 from fewstep.metrics.fid import UNSYNCED, update_in_batches
+from fewstep.metrics.inception import FEATURE_DIM
 
 PROBE_IMAGES = 4  # images re-featurised on load to catch a cache made by another extractor (a retrained classifier)
+# The image count assumed for an .npz without `n` (EDM's and ADM's files store none): CIFAR-10's training set,
+# which EDM's cifar10-32x32.npz was made from. FID does not depend on it: load_reference stores the sums that
+# give back exactly this mean and covariance for any n (checked by tests/test_fid_protocol.py).
+ASSUMED_N = 50_000
+MAKE_REFERENCE = "python -m fewstep.fid_reference data=... out=PATH.npz"
 
 
 def reference_stats(
@@ -39,9 +54,19 @@ def reference_stats(
 
 
 def compute_stats(extractor: nn.Module, images_uint8: Tensor, batch_size: int) -> dict:
-    device = device_of(extractor, images_uint8)
+    return stats_of_batches(extractor, images_uint8.split(batch_size), device_of(extractor, images_uint8))
+
+
+def stats_of_batches(extractor: nn.Module, batches: Iterable[Tensor], device: torch.device | str) -> dict:
+    """{mean, cov, n} of the features of uint8 image batches [B, C, H, W], accumulated by torchmetrics' FID.
+
+    The batches may come from a generator, so a whole data set never has to be in memory at once.
+    """
     metric = FrechetInceptionDistance(feature=extractor, **UNSYNCED).to(device)
-    update_in_batches(metric, images_uint8, True, batch_size, device)
+    for batch in batches:
+        metric.update(batch.to(device), real=True)
+    if int(metric.real_features_num_samples) < 2:
+        raise ConfigError(f"reference statistics need at least 2 images, got {int(metric.real_features_num_samples)}")
     return stats_from_sums(metric.real_features_sum, metric.real_features_cov_sum, metric.real_features_num_samples)
 
 
@@ -67,6 +92,7 @@ def load_reference(metric: FrechetInceptionDistance, ref: dict) -> FrechetIncept
     metric.real_features_sum = (n * mean).to(device, torch.float64)
     metric.real_features_cov_sum = ((n - 1) * cov + n * torch.outer(mean, mean)).to(device, torch.float64)
     metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=device)
+    metric._computed = None  # torchmetrics caches compute() until the next update(); new states invalidate it
     return metric
 
 
@@ -77,6 +103,63 @@ def fid_against_reference(extractor: nn.Module, ref: dict, fake_uint8: Tensor, b
     load_reference(metric, ref)
     update_in_batches(metric, fake_uint8, False, batch_size, device)
     return metric.compute().item()
+
+
+def write_npz_reference(stats: dict, path: str | os.PathLike, note: str = "") -> Path:
+    """Write {mean, cov, n} as EDM's format (`mu` [F], `sigma` [F, F] float64), plus `n` and `note`; atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as file:  # a file object: np.savez would append .npz to a name
+            np.savez(
+                file, mu=stats["mean"].double().cpu().numpy(), sigma=stats["cov"].double().cpu().numpy(),
+                n=np.int64(stats["n"]), note=np.str_(note),
+            )
+        partial.replace(path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write reference statistics to {path}: {error.strerror or error}") from error
+    return path
+
+
+def read_npz_reference(path: str | os.PathLike, num_features: int = FEATURE_DIM) -> dict:
+    """{mean, cov float64 tensors, n, assumed_n} from an .npz holding `mu` and `sigma` (EDM's or ADM's format, or ours).
+
+    Read with allow_pickle=False, so a file cannot run code. A file without `n` (EDM's, ADM's) gets n =
+    ASSUMED_N and assumed_n = True. Anything unusable is a one-line ConfigError naming the problem.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"no reference statistics at '{path}': pass ref=PATH.npz (mu, sigma as EDM's fid.py writes them), "
+            f"or make one with `{MAKE_REFERENCE}`"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in ("mu", "sigma") if key not in npz.files]
+            if missing:
+                raise ConfigError(
+                    f"'{path}' has no {' or '.join(missing)} (it holds {', '.join(npz.files) or 'nothing'}): reference "
+                    f"statistics need mu and sigma, as EDM's fid.py writes them, or `{MAKE_REFERENCE}`"
+                )
+            mu, sigma = npz["mu"], npz["sigma"]
+            n = int(npz["n"]) if "n" in npz.files else None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # not an .npz, truncated, or object arrays
+        raise ConfigError(f"cannot read reference statistics '{path}': {type(error).__name__}: {error}") from error
+    if mu.shape != (num_features,) or sigma.shape != (num_features, num_features):
+        raise ConfigError(
+            f"'{path}' holds mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)}, not the {num_features} features of "
+            "the FID Inception network's pool layer: these statistics come from another network"
+        )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ConfigError(f"'{path}' holds non-finite values in mu or sigma: remake it")
+    if n is not None and n < 2:
+        raise ConfigError(f"'{path}' says it was made from n={n} images: a covariance needs at least 2")
+    return {
+        "mean": torch.from_numpy(mu.astype(np.float64)), "cov": torch.from_numpy(sigma.astype(np.float64)),
+        "n": ASSUMED_N if n is None else n, "assumed_n": n is None,
+    }
 
 
 def device_of(extractor: nn.Module, images: Tensor) -> torch.device:

@@ -70,3 +70,12 @@ def score(metric: str, extractor: nn.Module, real: Tensor, fake: Tensor, key: st
     update_in_batches(kid, real, True, batch_size, device)
     update_in_batches(kid, fake, False, batch_size, device)
     return kid.compute()[0].item()
+
+
+def score_against_file(extractor: nn.Module, reference: dict, fake: Tensor, batch_size: int) -> float:
+    """Standard FID of uint8 images [N, C, H, W] against statistics read from an .npz (`read_npz_reference`)."""
+    from fewstep.metrics.fid import warn_if_biased
+    from fewstep.metrics.reference import fid_against_reference
+
+    warn_if_biased(len(fake), extractor.num_features)
+    return fid_against_reference(extractor, reference, fake, batch_size)

@@ -10,6 +10,9 @@ Levels (each includes the ones below it):
 2. adds the attention ``qkv`` projections;
 3. adds the residual blocks' 1x1 ``skip`` convolutions.
 
+The same levels apply to EDM's networks (``fewstep.networks.edm``, the paper's own UNets): each UNetBlock's 3x3
+``conv0``/``conv1`` (which do its resampling) and attention ``proj`` at level 1, ``qkv`` at 2, ``skip`` at 3.
+
 Norms, the noise/label embeddings (``embed`` and each block's ``emb`` affine layer), ``conv_in`` and
 ``conv_out`` always stay trainable. The paper reports about 84 / 86 / 90 % of the parameters frozen at
 levels 1 / 2 / 3 on its CIFAR-10 UNet.
@@ -27,6 +30,7 @@ import contextlib
 from torch import nn
 
 from fewstep.errors import ConfigError
+from fewstep.networks.edm import UNetBlock as EDMBlock
 from fewstep.networks.unet import AttentionBlock, ResBlock, UNet
 
 LEVELS = (0, 1, 2, 3)
@@ -45,6 +49,14 @@ def freezable_layers(net: nn.Module, resampling: bool = True) -> dict[str, tuple
         elif isinstance(module, AttentionBlock):
             layers[prefix + "qkv"] = (module.qkv, 2)
             layers[prefix + "proj"] = (module.proj, 1)
+        elif isinstance(module, EDMBlock):
+            layers[prefix + "conv0"] = (module.conv0, 1)
+            layers[prefix + "conv1"] = (module.conv1, 1)
+            if module.num_heads:
+                layers[prefix + "qkv"] = (module.qkv, 2)
+                layers[prefix + "proj"] = (module.proj, 1)
+            if module.skip is not None and any(True for _ in module.skip.parameters()):
+                layers[prefix + "skip"] = (module.skip, 3)
         elif isinstance(module, UNet) and resampling:
             for group in ("downsample", "upsample"):
                 for i, conv in enumerate(getattr(module, group)):
@@ -78,7 +90,7 @@ def freeze(net: nn.Module, level: int = 0, ratio: float | None = None, resamplin
     if (level or ratio) and not layers:
         raise ConfigError(
             f"freeze.level={level} freeze.ratio={ratio}: a {type(net).__name__} has no layers GDD-I can freeze "
-            "(it is defined for fewstep.networks.UNet); use freeze.level=0 freeze.ratio=null"
+            "(it is defined for fewstep's UNet and EDM's networks); use freeze.level=0 freeze.ratio=null"
         )
     if ratio is None:
         chosen = [layer for layer, lowest in layers.values() if lowest <= level]
