@@ -27,7 +27,8 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH}" \
 WORKDIR /opt/fewstep
 COPY pyproject.toml README.md ./
 COPY fewstep ./fewstep
-RUN pip install . \
+# diffusers (the version the tests ran): teachers from diffusers folders (teacher.ckpt=DIR, fewstep.sample ckpt=DIR)
+RUN pip install . "diffusers==0.42.1" \
     && python -m fewstep.metrics.weights \
     && python -m fewstep.metrics.weights --check
 

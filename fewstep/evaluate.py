@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from fewstep.checkpoints import load_method
+from fewstep.checkpoints import EDM_SUFFIXES, load_method
 from fewstep.cli import check_overrides, user_errors
 from fewstep.errors import ConfigError
 from fewstep.generate import generate
@@ -46,6 +46,12 @@ def training_config(ckpt: str, data_config: str | None, required: bool = True) -
     if not path.is_file():
         if not required:
             return None
+        if Path(ckpt).is_dir() or Path(ckpt).suffix in EDM_SUFFIXES:
+            raise ConfigError(
+                f"'{ckpt}' comes from outside fewstep and has no training config: pass ref=PATH.npz (reference "
+                "statistics: EDM's fid-refs file, or python -m fewstep.fid_reference data=... out=PATH.npz) with "
+                "metric=fid, or data_config=PATH to a fewstep run's .hydra/config.yaml naming the data"
+            )
         raise ConfigError(
             f"no training config at '{path}': pass data_config=PATH to the .hydra/config.yaml of the run "
             "that wrote the checkpoint, so that the reference images come from its data set"
