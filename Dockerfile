@@ -26,6 +26,7 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH}" \
 
 WORKDIR /opt/fewstep
 COPY pyproject.toml README.md ./
+COPY conf ./conf
 COPY fewstep ./fewstep
 # diffusers (the version the tests ran): teachers from diffusers folders (teacher.ckpt=DIR, fewstep.sample ckpt=DIR)
 RUN pip install . "diffusers==0.42.1" \

@@ -108,3 +108,22 @@ def test_sampler_configs_name_a_solver(compose_cfg, sampler):
 
     cfg = compose_cfg("sample", [f"sampler={sampler}", "ckpt=x"])
     assert cfg.sampler.name in SOLVERS or cfg.sampler.name in KAC_SOLVERS
+
+
+def test_the_wheel_carries_the_whole_config_tree(tmp_path):
+    # conf/ sits at the repository root; a non-editable install must still find it inside the package
+    import subprocess
+    import sys
+    import zipfile
+
+    from conftest import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fewstep-*.whl")
+    packed = {name.removeprefix("fewstep/conf/") for name in zipfile.ZipFile(wheel).namelist() if name.startswith("fewstep/conf/")}
+    tree = {str(path.relative_to(REPO / "conf")) for path in (REPO / "conf").rglob("*.yaml")}
+    assert tree and packed == tree

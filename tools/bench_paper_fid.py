@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, default=35)
     parser.add_argument("--samplers", nargs="+", default=["heun", "seeds3"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", default="edm_ddpmpp_cifar", help="a model config of fewstep/conf/model")
+    parser.add_argument("--model", default="edm_ddpmpp_cifar", help="a model config of conf/model")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -21,7 +21,7 @@ import torch
 from fewstep.networks import UNet, edm_denoise
 from fewstep.samplers import SOLVERS, CountingDenoiser, SeededNoise, sample
 
-MODELS = {  # the presets of fewstep/conf/model
+MODELS = {  # the presets of conf/model
     "small": dict(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attn_levels=(2,)),
     "cifar": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,)),
 }
