@@ -65,7 +65,8 @@ def refused_global(path: Path, error: Exception) -> str:
 
 
 def method_class(checkpoint: dict) -> type:
-    """The fewstep method class a checkpoint names; any other name is refused (the name comes from the file)."""
+    """The method class a checkpoint names: one of fewstep.methods, or a GenerativeMethod of a module the program
+    has already imported; anything else is refused (the name comes from the file)."""
     from fewstep.methods import GenerativeMethod
 
     name = str(checkpoint["fewstep"].get("method_class", ""))
@@ -73,6 +74,8 @@ def method_class(checkpoint: dict) -> type:
     cls = None
     if module.startswith("fewstep.methods.") and attribute.isidentifier():
         cls = getattr(importlib.import_module(module), attribute, None)
+    elif module in sys.modules:  # a method of the user's own, already imported: a file never makes us import one
+        cls = getattr(sys.modules[module], attribute, None)
     if not (isinstance(cls, type) and issubclass(cls, GenerativeMethod)):
         raise CheckpointError(f"the checkpoint names the method class '{name}', which is not a fewstep method")
     check_targets(checkpoint.get("hyper_parameters", {}))

@@ -23,17 +23,38 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def line_buffered_output() -> None:
+    """Make stdout and stderr line-buffered, so each line reaches a log file at once.
+
+    Under nohup, Docker or a job scheduler stdout is a file, which Python buffers in blocks of kilobytes:
+    the line announcing a long job would sit in the buffer, and a killed run would leave nothing.
+    Every entry point calls this first (through ``check_overrides`` and ``user_errors``).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # absent on a replaced stream (pytest's capture, None)
+        if reconfigure is not None:
+            try:
+                reconfigure(line_buffering=True)
+            except (ValueError, OSError):  # a closed or detached stream: leave it as it is
+                pass
+
+
 def check_overrides(argv: list[str]) -> None:
     """Refuse unknown config-group choices (``method=nope``) with the list of valid ones.
 
     Hydra would report them too, but over many lines; this says it in one.
     """
+    line_buffered_output()
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
+        if (key == "method" and "ddil" in value.split(",")) or key == "ddil.base":
+            base = value if key == "ddil.base" else "consistency"
+            fail(f"DDIL is now a switch on any student: python -m fewstep.train method={base} ddil=default "
+                 "(its options: ddil.*; the student's: method.*)")
         if key not in groups or value in ("", "null"):
             continue
         choices = group_choices(key)
@@ -47,6 +68,7 @@ def user_errors(task):
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
+        line_buffered_output()
         try:
             return task(*args, **kwargs)
         except FewstepError as error:

@@ -2,10 +2,12 @@
 
 Every config with a ``teacher`` group (method=kac_endpoint, gdd, ...) comes here from
 ``fewstep.train``. The teacher is ``teacher.ckpt``, or the newest finished ``teacher.method`` run
-for the same data and model under ``paths.root``, or else one trained first. A student gets it
-through ``attach_teacher``. A staged method (``method.stages``: kac_endpoint) writes a complete
-run directory (checkpoints, TensorBoard, sample grids) per stage under ``<run>/stage<i>_<M>steps/``,
-and each stage's student teaches the next.
+for the same data and model under ``paths.root``, or else one trained first (under ``trainer=debug``
+a debug teacher of as many steps). A student gets it through ``attach_teacher`` and starts from its
+network. A staged method (``fewstep.methods.teacher.Staged``: kac_endpoint's stages, progressive's
+rounds) writes a complete run directory (checkpoints, TensorBoard, sample grids) per stage under
+``<run>/stage<i>_<M>steps/``, and each stage's student teaches the next. ``ddil=default`` gives any
+EDM-space student DDIL's training states and rollout buffers.
 """
 
 from __future__ import annotations
@@ -16,24 +18,21 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
-from rich.table import Table
 
 from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.cli import CONF_DIR
-from fewstep.errors import ConfigError
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights
+from fewstep.errors import ConfigError
 from fewstep.methods.base import DenoiserMethod
-from fewstep.methods.kac_endpoint import KacEndpoint, check_stages, require_kac
-from fewstep.methods.kac_teacher import KAC_HPARAMS
-from fewstep.methods.progressive import Progressive, halving_stages
+from fewstep.methods.student import DistilledStudent
+from fewstep.methods.teacher import Staged, check_kind
 
-DDIL_BASES = ("progressive", "consistency", "dmd2")
-PIPELINE_KEYS = ("stages", "start_steps", "end_steps", "steps_per_stage", "steps_per_round", "ema_decay")
-
-console = Console()
+console = Console(soft_wrap=True)  # long paths and commands stay on one line, to be copied
 
 
 def data_name(cfg: DictConfig) -> str:
@@ -54,6 +53,7 @@ def same_setting(run: DictConfig, cfg: DictConfig) -> bool:
         plain(run.data) == plain(cfg.data)
         and plain(run.model) == plain(cfg.model)
         and run.method.get("conditional", False) == cfg.method.get("conditional", False)
+        and bool(run.get("debug", False)) == bool(cfg.get("debug", False))  # a debug teacher teaches debug runs only
     )
 
 
@@ -81,36 +81,50 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
             console.print(f"[bold]teacher[/]: reusing {last} (a {teacher.method} run for this data and model)")
             return last
     teacher_cfg = teacher_config(cfg)
+    kind = "a debug teacher (trainer=debug: not one to distil from)" if cfg.get("debug") else "one"
     console.print(
-        f"[bold]teacher[/]: none found under {cfg.paths.root}/{teacher.method} for this data and model; training one "
-        f"first ({teacher.max_steps} steps) in {teacher_cfg.paths.output_dir}"
+        f"[bold]teacher[/]: none found under {cfg.paths.root}/{teacher.method} for this data and model; training {kind} "
+        f"first ({teacher_cfg.trainer.max_steps} steps) in {teacher_cfg.paths.output_dir}"
     )
     save_config(teacher_cfg)
     fit(teacher_cfg)
     return (Path(teacher_cfg.paths.output_dir) / "checkpoints" / "last.ckpt").resolve()
 
 
+def composed_method(name: str) -> DictConfig:
+    """``method=<name>`` as Hydra composes it (its defaults applied), inside a running app or outside one."""
+    if GlobalHydra.instance().is_initialized():
+        return compose("train", overrides=[f"method={name}"]).method
+    with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+        return compose("train", overrides=[f"method={name}"]).method
+
+
 def teacher_config(cfg: DictConfig) -> DictConfig:
-    """This run's config with the teacher method (conf/method/<teacher.method>.yaml) and its own run directory."""
+    """This run's config with the teacher method (``method=<teacher.method>``) and its own run directory; under
+    trainer=debug as many steps as the debug run takes."""
     teacher = cfg.teacher
-    method = OmegaConf.load(CONF_DIR / "method" / f"{teacher.method}.yaml")
-    method.pop("defaults", None)
-    for key in ("conditional", "label_dropout"):
-        method[key] = cfg.method[key]
+    method = composed_method(teacher.method)
+    for key in ("conditional", "label_dropout"):  # the student's conditioning, where its config sets it
+        if key in cfg.method:
+            method[key] = cfg.method[key]
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out = Path(cfg.paths.root) / teacher.method / data_name(cfg) / stamp
-    stages = cfg.method.get("stages")
+    stages = staged(cfg)
     # the teacher's sample grid: its own sampler (teacher.sampler), at the staged teacher's steps or teacher.nfe
     nfe = stages[0] if stages else teacher.get("nfe", 35)
+    if cfg.get("debug") and (cfg.get("callbacks") or {}).get("sample_grid"):
+        nfe = int(cfg.callbacks.sample_grid.nfe)  # the debug profile's few evaluations
     sampler = {"name": teacher.get("sampler", "heun")}
-    return derived(cfg, out, method=method, max_steps=teacher.max_steps, nfe=nfe, sampler=sampler)
+    max_steps = int(cfg.trainer.max_steps) if cfg.get("debug") else int(teacher.max_steps)
+    return derived(cfg, out, method=method, max_steps=max_steps, nfe=nfe, sampler=sampler)
 
 
 def derived(
     cfg: DictConfig, out: Path, method: DictConfig, max_steps: int, nfe: int, ema_decay: float | None = None,
     sampler: dict | None = None,
 ):
-    """A copy of ``cfg`` for one fit: its own output directory, method, step count and sample grid."""
+    """A copy of ``cfg`` for one fit: its own output directory, method, step count and sample grid, and a
+    checkpoint (a teacher or a stage teaches from its ``last.ckpt``, also under trainer=debug)."""
     new = copy.deepcopy(cfg)
     with open_dict(new):
         new.paths.output_dir = str(out)
@@ -118,6 +132,13 @@ def derived(
         new.trainer.max_steps = max_steps
         new.trainer.val_check_interval = min(int(cfg.trainer.val_check_interval), max_steps)
         new.ckpt_path = None
+        if not (new.get("callbacks") or {}).get("model_checkpoint"):
+            new.trainer.enable_checkpointing = True
+            new.callbacks = new.get("callbacks") or {}
+            new.callbacks.model_checkpoint = {
+                "_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "dirpath": str(out / "checkpoints"),
+                "save_last": True, "enable_version_counter": False,
+            }
         if new.get("callbacks") and new.callbacks.get("sample_grid"):
             new.callbacks.sample_grid.nfe = nfe
             if sampler is not None:
@@ -135,38 +156,33 @@ def save_config(cfg: DictConfig) -> None:
     OmegaConf.save(cfg, path, resolve=True)
 
 
-def resolve_ddil(cfg: DictConfig) -> DictConfig:
-    """method=ddil: the base method's options (``method.<ddil.base>``) with the ``ddil`` block, as one method."""
+def with_ddil(cfg: DictConfig) -> DictConfig:
+    """``ddil=default``: DDIL's block joins the student's options; any EDM-space student (DistilledStudent) takes it."""
     if cfg.get("ddil") is None:
         return cfg
-    base = cfg.ddil.get("base")
-    if base not in DDIL_BASES or base not in cfg.method:
-        raise ConfigError(f"unknown DDIL base method '{base}': set ddil.base to one of {', '.join(DDIL_BASES)}")
+    cls = get_class(cfg.method._target_)
+    if not issubclass(cls, DistilledStudent):
+        raise ConfigError(
+            f"ddil=default works on EDM-space students (progressive, consistency, dmd2, or your own DistilledStudent), "
+            f"not {cls.__name__}: use ddil=none"
+        )
     # bad weights or buffer settings fail now, before any teacher is trained
     check_weights([cfg.ddil.get(f"b_{source}", 0.0) for source in SOURCES])
     RolloutStates(None, **OmegaConf.to_container(cfg.ddil.get("buffer") or {}, resolve=True))
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
-        method = cfg.method[base]
-        method.ddil = cfg.ddil
-        cfg.method = method
-        sampler = {"name": get_class(method._target_).student_sampler}  # the solver the student's grid is made for
-        cfg.sampler = sampler
-        if cfg.get("callbacks") and cfg.callbacks.get("sample_grid"):
-            cfg.callbacks.sample_grid.sampler = sampler
+        cfg.method.ddil = cfg.ddil
     return cfg
 
 
 def staged(cfg: DictConfig) -> list[int] | None:
-    """The step counts of a staged method, teacher first (kac_endpoint's stages, progressive's halving rounds)."""
-    method = cfg.method
-    if method.get("stages"):
-        stages = [int(s) for s in method.stages]
-        check_stages(stages)
-        return stages
-    if method.get("start_steps") is not None:
-        return halving_stages(method.start_steps, method.end_steps)
-    return None
+    """The step counts of a staged method (fewstep.methods.teacher.Staged), the first teacher's first; else None."""
+    cls = get_class(cfg.method._target_)
+    return cls.stage_steps(options(cfg)) if issubclass(cls, Staged) else None
+
+
+def options(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.method, resolve=True)
 
 
 def with_rollouts(cfg: DictConfig, datamodule):
@@ -183,13 +199,8 @@ def with_rollouts(cfg: DictConfig, datamodule):
 
 def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
     """Find or train the teacher, then fit the student (or each stage); returns the last fit's metrics."""
-    cfg = resolve_ddil(cfg)
+    cfg = with_ddil(cfg)
     stages = staged(cfg)
-    if stages and not (cfg.get("callbacks") or {}).get("model_checkpoint"):
-        raise ConfigError(
-            "a staged run keeps every stage's checkpoint: enable callbacks.model_checkpoint "
-            "(trainer=debug removes it; use trainer=cpu or add it back)"
-        )
     teacher_path = find_teacher(cfg, fit)
     teacher = load_method(teacher_path)
     cfg = with_teacher_network(cfg, teacher)
@@ -220,21 +231,16 @@ def with_teacher_network(cfg: DictConfig, teacher) -> DictConfig:
 
 def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_path: Path, stages: list[int]) -> dict:
     """Each student stage in turn, the first taught by ``teacher``; returns the last stage's metrics."""
-    method = cfg.method
-    progressive = get_class(method._target_) is Progressive
-    if not progressive:
-        require_kac(teacher, teacher_path)
-    steps_per_stage = method.steps_per_round if progressive else method.steps_per_stage
+    cls, method = get_class(cfg.method._target_), options(cfg)
+    check_kind(teacher, cls, teacher_path)  # before its settings are read for the first stage
+    steps_per_stage = int(cfg.trainer.max_steps) if cfg.get("debug") else cls.steps_per_stage(method)
     rows, metrics = [("teacher", stages[0], str(teacher_path), "")], {}
     for i, (teacher_steps, steps) in enumerate(zip(stages, stages[1:]), start=1):
         out = Path(cfg.paths.output_dir) / f"stage{i}_{steps}steps"
-        if progressive:
-            stage_method = progressive_config(cfg, teacher_path, steps)
-        else:
-            stage_method = student_config(cfg, teacher, teacher_path, teacher_steps, steps, first=i == 1)
+        first_sampler = cfg.teacher.get("sampler") if i == 1 else None
+        arguments = cls.stage_options(method, teacher, teacher_path, teacher_steps, steps, first_sampler)
+        stage_method = OmegaConf.create({"_target_": method["_target_"], "_recursive_": False, **arguments})
         stage_cfg = derived(cfg, out, stage_method, steps_per_stage, steps, method.get("ema_decay"))
-        arguments = {k: v for k, v in OmegaConf.to_container(stage_method, resolve=True).items() if k not in ("_target_", "_recursive_")}
-        cls = Progressive if progressive else KacEndpoint
         student = cls(net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes, **arguments)
         student.attach_teacher(teacher, path=teacher_path)
         console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")
@@ -243,37 +249,7 @@ def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_pa
         teacher_path = out / "checkpoints" / "last.ckpt"
         teacher = load_method(teacher_path)
         rows.append((f"stage {i}", steps, str(teacher_path), f"{metrics.get('val/loss', float('nan')):.4g}"))
-    table = Table(title=f"{type(teacher).__name__} stages")
-    for column in ("", "steps", "checkpoint", "val/loss"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(row[0], str(row[1]), row[2], row[3])
-    console.print(table)
+    console.print(f"[bold]{type(teacher).__name__} stages[/] (steps, val/loss, checkpoint):")
+    for name, steps, path, loss in rows:  # plain lines: the paths stay whole, to be copied
+        console.print(f"  {name}: {steps} steps, val/loss {loss or '-'}: {path}")
     return metrics
-
-
-def progressive_config(cfg: DictConfig, teacher_path: Path, steps: int) -> DictConfig:
-    """The Progressive arguments of one round: the method's options, this round's steps, the teacher's path."""
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    for key in PIPELINE_KEYS:
-        method.pop(key, None)
-    return OmegaConf.create({**method, "student_steps": steps, "teacher_ckpt": str(teacher_path)})
-
-
-def student_config(cfg, teacher, teacher_path: Path, teacher_steps: int, steps: int, first: bool) -> DictConfig:
-    """The KacEndpoint arguments of one stage: the teacher's process, this stage's steps, the shared options."""
-    method = cfg.method
-    return OmegaConf.create({
-        "_target_": "fewstep.methods.KacEndpoint",
-        **{key: teacher.hparams[key] for key in KAC_HPARAMS},
-        "t_min": float(teacher.hparams.get("t_min", 1e-3)),
-        "conditional": method.conditional,
-        "label_dropout": method.label_dropout,
-        "optimizer": OmegaConf.to_container(method.optimizer),
-        "scheduler": OmegaConf.to_container(method.scheduler) if method.scheduler else None,
-        "student_steps": steps,
-        "teacher_steps": teacher_steps,
-        # the first teacher is a Kac-flow model integrated with any solver; later ones are students, made for Euler
-        "teacher_sampler": cfg.teacher.sampler if first else "kac_euler",
-        "teacher_ckpt": str(teacher_path),
-    })

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from fewstep.checkpoints import AtomicCheckpointIO, check_compatible, latest_checkpoint, read_checkpoint
 from fewstep.cli import check_overrides, user_errors
@@ -24,6 +27,8 @@ def train(cfg: DictConfig) -> dict:
     check_accelerator(cfg.trainer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.get("ddil") is not None and cfg.get("teacher") is None:
+        raise ConfigError("ddil=default changes how a distillation student trains; this method has no teacher: use ddil=none")
     datamodule = load_data(cfg)
     if cfg.get("teacher") is not None:
         from fewstep.distill import train_student
@@ -91,31 +96,52 @@ def resume_from(cfg: DictConfig) -> str | None:
 
 
 def report(trainer: L.Trainer, output_dir: Path, metrics: dict) -> None:
-    """Print where the checkpoints, samples and TensorBoard logs are, and how to look at them."""
-    table = Table(title="fewstep run", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    table.add_row("run directory", str(output_dir))
+    """Print where the checkpoints, samples and TensorBoard logs are, and how to look at them.
+
+    Plain lines, ``key: value``, never wrapped (soft_wrap), and each command alone on its own line, so that
+    a long path can be copied from a terminal or a log file in one piece.
+    """
+    rows: list[tuple[str, str, bool]] = [("run directory", str(output_dir), False)]  # (label, text, is a command)
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
         last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-        table.add_row("checkpoints", str(trainer.checkpoint_callback.dirpath))
+        rows.append(("checkpoints", str(trainer.checkpoint_callback.dirpath), False))
         if last.exists():
-            table.add_row("sample it", f"python -m fewstep.sample ckpt={last}")
+            rows.append(("sample it", f"python -m fewstep.sample ckpt={last}", True))
     samples = sorted((run_log_dir(trainer) / "samples").glob("*.png"))
     if samples:
-        table.add_row("latest samples", str(samples[-1]))
+        rows.append(("latest samples", str(samples[-1]), False))
     if any(type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers):
-        table.add_row("TensorBoard", f"tensorboard --logdir {output_dir}")
-    for name, value in sorted(metrics.items()):
-        table.add_row(name, f"{value:.4g}")
-    Console().print(table)
+        rows.append(("TensorBoard", f"tensorboard --logdir {output_dir}", True))
+    rows += [(name, f"{value:.4g}", False) for name, value in sorted(metrics.items())]
+    console = Console(soft_wrap=True, highlight=False, emoji=False)
+    console.print("[bold]fewstep run[/]")
+    for label, text, command in rows:
+        if command:
+            console.print(f"[bold]{escape(label)}[/]:")
+            console.print(f"  {escape(text)}")
+        else:
+            console.print(f"[bold]{escape(label)}[/]: {escape(text)}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @user_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
-    return metrics.get("val/loss")  # for Hydra sweepers that optimise
+    # The value a Hydra sweeper optimises (hparams_search=*_optuna): the metric named by optimized_metric, e.g.
+    # val/loss or SamplerBenchmark's last benchmark/<metric>/<setting>_nfe<N>.
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        hydra_cfg = HydraConfig.get()
+        basic = hydra_cfg.sweeper.get("_target_", "").endswith("BasicSweeper")  # it ignores what jobs return
+        if hydra_cfg.mode != RunMode.MULTIRUN or basic or int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))):
+            return None  # nothing optimises it (or a rank other than zero, which neither scores nor decides)
+        raise ConfigError(
+            f"optimized_metric={name} was not logged by this run; available: {', '.join(sorted(metrics)) or 'none'} "
+            "(benchmark/* needs callbacks=benchmark)"
+        )
+    return metrics[name]
 
 
 if __name__ == "__main__":

@@ -39,31 +39,35 @@ def test_data_configs_instantiate(compose_cfg, choice, tmp_path):
 @pytest.mark.parametrize("model", group_choices("model"))
 @pytest.mark.parametrize("method", group_choices("method"))
 def test_method_and_model_configs_instantiate(compose_cfg, method, model):
-    from omegaconf import OmegaConf
+    import inspect
+    from types import SimpleNamespace
 
-    from fewstep.distill import progressive_config, resolve_ddil
+    from hydra.utils import get_class
+
+    from fewstep.distill import options, with_ddil
+    from fewstep.methods.student import DistilledStudent
+    from fewstep.methods.teacher import Staged
 
     data = "gmm" if model == "mlp" else "digits"
     small = ["model.model_channels=8", "model.num_blocks=1"] if model.startswith("edm_") else []  # EDM's are 56M-296M
-    if method == "ddil":  # each base it wraps, with the ddil block
-        bases = ("progressive", "consistency", "dmd2")
-        overrides = [f"method.{base}.conditional=true" for base in bases]
-        configs = [resolve_ddil(compose_cfg("train", [f"method={method}", f"model={model}", f"data={data}", f"ddil.base={base}",
-                                                      *overrides, *small])) for base in bases]
-    else:
-        configs = [compose_cfg("train", [f"method={method}", f"model={model}", f"data={data}", "method.conditional=true", *small])]
+    overrides = [f"method={method}", f"model={model}", f"data={data}", "method.conditional=true", *small]
+    configs = [compose_cfg("train", overrides)]
+    if issubclass(get_class(configs[0].method._target_), DistilledStudent):  # and with DDIL, a switch on any student
+        configs.append(with_ddil(compose_cfg("train", [*overrides, "ddil=default"])))
     for cfg in configs:
         datamodule = instantiate(cfg.data)
-        method_cfg = cfg.method
-        if method_cfg.get("stages"):  # a staged pipeline (kac_endpoint): build its first stage's student
-            method_cfg = OmegaConf.masked_copy(method_cfg, [k for k in method_cfg if k not in ("stages", "steps_per_stage", "ema_decay")])
-            method_cfg.teacher_steps, method_cfg.student_steps = cfg.method.stages[:2]
-        if method_cfg.get("start_steps"):  # progressive rounds: the first round's student
-            method_cfg = progressive_config(cfg, "teacher.ckpt", method_cfg.start_steps // 2)
-        built = instantiate(method_cfg, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
+        cls, arguments = get_class(cfg.method._target_), options(cfg)
+        if issubclass(cls, Staged):  # a staged method: its first stage's student, from a teacher of its settings
+            teacher_steps, steps = cls.stage_steps(arguments)[:2]
+            defaults = {name: p.default for name, p in inspect.signature(cls.teacher_kind.__init__).parameters.items()
+                        if p.default is not inspect.Parameter.empty}
+            teacher = SimpleNamespace(hparams={**defaults, **arguments})
+            arguments = {"_target_": arguments["_target_"], "_recursive_": False,
+                         **cls.stage_options(arguments, teacher, "teacher.ckpt", teacher_steps, steps, None)}
+        built = instantiate(arguments, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
         assert built.num_classes == datamodule.num_classes
         assert sum(p.numel() for p in built.parameters()) > 0
-        assert (built.hparams.get("ddil") is not None) == (method == "ddil")
+        assert (built.hparams.get("ddil") is not None) == (cfg.get("ddil") is not None)
 
 
 @pytest.mark.parametrize("trainer", group_choices("trainer"))
@@ -118,8 +122,13 @@ def test_the_wheel_carries_the_whole_config_tree(tmp_path):
 
     from conftest import REPO
 
+    import shutil
+
+    source = tmp_path / "source"  # a copy, so that no stale build/ of the working tree takes part
+    shutil.copytree(REPO, source, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", "build", "outputs", "*.egg-info", "__pycache__", ".pytest_cache"))
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -88,12 +88,11 @@ METHODS = {
     "dmd2": ["method=dmd2", "method.student_steps=2", "method.critic_steps=1"],
     "gdd": ["method=gdd"],  # the default discriminator: the teacher's own encoder
     "gdd_i": ["method=gdd", "method.freeze.level=1"],  # GDD-I: EDM's UNet blocks frozen (diffusers': refused)
-    "ddil_progressive": ["method=ddil", "ddil.base=progressive", "method.progressive.start_steps=4",
-                         "method.progressive.end_steps=2", "method.progressive.steps_per_round=2",
+    "ddil_progressive": ["method=progressive", "ddil=default", "method.start_steps=4", "method.end_steps=2",
+                         "method.steps_per_round=2", "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
+    "ddil_consistency": ["method=consistency", "ddil=default", "method.teacher_steps=8", "method.sample_steps=2",
                          "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
-    "ddil_consistency": ["method=ddil", "ddil.base=consistency", "method.consistency.teacher_steps=8",
-                         "method.consistency.sample_steps=2", "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
-    "ddil_dmd2": ["method=ddil", "ddil.base=dmd2", "method.dmd2.critic_steps=1", "ddil.buffer.refresh_every=2",
+    "ddil_dmd2": ["method=dmd2", "ddil=default", "method.critic_steps=1", "ddil.buffer.refresh_every=2",
                   "ddil.buffer.refresh_size=2"],
 }
 

@@ -18,7 +18,8 @@ from fewstep.errors import CheckpointError, ConfigError, TrainingDiverged
 from fewstep.generate import generate
 from fewstep.methods.edm_teacher import EDMTeacher
 from fewstep.methods.flow_teacher import FlowTeacher
-from fewstep.methods.gdd import GDD, discriminator_loss, generator_loss
+from fewstep.methods.gan import discriminator_loss, generator_loss
+from fewstep.methods.gdd import GDD
 from fewstep.networks.preconditioning import shifted_edm_coefficients
 from fewstep.networks import UNet, edm_coefficients
 from fewstep.networks.discriminators import (

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from fewstep.checkpoints import load_method
+from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.evaluate import training_config
 from fewstep.generate import generate
@@ -197,10 +197,14 @@ def test_kac_endpoint_pipeline_trains_its_teacher_then_every_stage(compose_cfg, 
     assert student.hparams.teacher_ckpt == str(teacher_ckpt)
 
 
-def test_kac_endpoint_needs_checkpoints(compose_cfg, tmp_path):
-    cfg = compose_cfg("train", ["method=kac_endpoint", "data=digits", *TINY, f"paths.root={tmp_path}"])
-    with pytest.raises(ConfigError, match="keeps every stage's checkpoint"):
-        train(cfg)
+def test_kac_endpoint_under_trainer_debug_trains_a_debug_teacher_then_every_stage(compose_cfg, tmp_path):
+    # trainer=debug writes no checkpoint of its own, yet each stage teaches the next from its checkpoint
+    cfg = compose_cfg("train", ["method=kac_endpoint", "data=digits", *TINY, f"paths.root={tmp_path}", "method.stages=[4,2,1]"])
+    train(cfg)
+    stages = sorted(tmp_path.glob("stage*_*steps/checkpoints/last.ckpt"))
+    assert [p.parts[-3] for p in stages] == ["stage1_2steps", "stage2_1steps"]
+    (teacher,) = tmp_path.glob("kac_teacher/*/*/checkpoints/last.ckpt")  # a debug teacher, of the debug run's steps
+    assert read_checkpoint(teacher)["global_step"] == cfg.trainer.max_steps
 
 
 def test_kac_endpoint_refuses_a_diffusion_teacher(compose_cfg, tmp_path):

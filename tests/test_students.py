@@ -11,13 +11,13 @@ from fewstep.generate import generate
 from fewstep.methods import DMD2, BatchNoise, Consistency, EDMTeacher, KacTeacher, Progressive
 from fewstep.methods.dmd2 import distribution_matching_grad, distribution_matching_loss
 from fewstep.methods.progressive import halving_stages, progressive_target
-from fewstep.methods.student import ddim_step
+from fewstep.methods.student import DistilledStudent, ddim_step
 from fewstep.samplers import SeededNoise, sample
 from fewstep.samplers.grids import nested_sigmas
 from fewstep.samplers.solvers import sample_euler
 from fewstep.train import train
 
-from conftest import TINY
+from conftest import run_module, TINY
 
 UNET = {"_target_": "fewstep.networks.UNet", "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1}
 SHAPE = [1, 8, 8]
@@ -329,26 +329,26 @@ CHECKPOINTS = [
 @pytest.mark.parametrize("method", [
     ["method=consistency", "method.teacher_steps=8", "method.sample_steps=2"],
     ["method=dmd2", "method.student_steps=2", "method.critic_steps=2"],
-    ["method=ddil", "ddil.base=consistency", "method.consistency.teacher_steps=8", "method.consistency.sample_steps=2",
+    ["method=consistency", "ddil=default", "method.teacher_steps=8", "method.sample_steps=2",
      "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2", "data.num_workers=2"],
-    ["method=ddil", "ddil.base=dmd2", "method.dmd2.critic_steps=1", "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
+    ["method=dmd2", "ddil=default", "method.critic_steps=1", "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
 ])
 def test_each_student_trains_from_the_command_line_and_samples_from_its_checkpoint(compose_cfg, tmp_path, method):
     cfg = compose_cfg("train", [*method, *fit_overrides(tmp_path), *CHECKPOINTS, "trainer.max_steps=3"])
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
-    if "method=ddil" in method:
+    if "ddil=default" in method:
         shares = [metrics[f"ddil/{s}_fraction"] for s in ("fwd", "teacher", "student")]
         assert abs(sum(shares) - 1) < 1e-6
     model = load_method(tmp_path / "checkpoints" / "last.ckpt")
-    assert model.hparams.teacher_ckpt and (model.hparams.ddil is not None) == ("method=ddil" in method)
+    assert model.hparams.teacher_ckpt and (model.hparams.ddil is not None) == ("ddil=default" in method)
     samples, _, nfe = generate(model, 2, "consistency", 2)
     assert nfe == 2 and torch.isfinite(samples).all()
 
 
 def test_ddil_buffers_are_refreshed_and_checkpointed(compose_cfg, tmp_path):
     cfg = compose_cfg("train", [
-        "method=ddil", "ddil.base=consistency", "method.consistency.teacher_steps=8", "method.consistency.sample_steps=2",
+        "method=consistency", "ddil=default", "method.teacher_steps=8", "method.sample_steps=2",
         "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2", "ddil.buffer.size=20", *fit_overrides(tmp_path),
         *CHECKPOINTS, "trainer.max_steps=5",
     ])
@@ -377,12 +377,14 @@ def test_progressive_runs_its_halving_rounds_each_from_the_last(compose_cfg, tmp
 
 
 @pytest.mark.parametrize("override, match", [
-    (["ddil.base=nope"], "unknown DDIL base method 'nope'"),
+    (["method=gdd"], "ddil=default works on EDM-space students"),
+    (["method=edm_teacher"], "this method has no teacher: use ddil=none"),
     (["ddil.b_fwd=0", "ddil.b_teacher=0", "ddil.b_student=0"], "positive sum"),
     (["ddil.buffer.size=0"], "ddil.buffer.size"),
 ])
 def test_bad_ddil_settings_stop_the_run_in_one_line(compose_cfg, tmp_path, override, match):
-    cfg = compose_cfg("train", ["method=ddil", "ddil.base=consistency", *override, *fit_overrides(tmp_path), "trainer.max_steps=1"])
+    base = [*TINY, "data=digits"] if "method=edm_teacher" in override else fit_overrides(tmp_path)  # no teacher group
+    cfg = compose_cfg("train", ["method=consistency", "ddil=default", *base, *override, "trainer.max_steps=1"])
     with pytest.raises(ConfigError, match=match) as error:
         train(cfg)
     assert "\n" not in str(error.value)
@@ -390,9 +392,53 @@ def test_bad_ddil_settings_stop_the_run_in_one_line(compose_cfg, tmp_path, overr
 
 def test_sources_of_weight_zero_get_no_rollout_buffer(compose_cfg, tmp_path):
     from fewstep.data import Digits
-    from fewstep.distill import resolve_ddil, with_rollouts
+    from fewstep.distill import with_ddil, with_rollouts
 
-    cfg = resolve_ddil(compose_cfg("train", ["method=ddil", "ddil.b_teacher=0", *fit_overrides(tmp_path)]))
+    cfg = with_ddil(compose_cfg("train", ["method=progressive", "ddil=default", "ddil.b_teacher=0", *fit_overrides(tmp_path)]))
     states = with_rollouts(cfg, Digits())
     assert list(states.buffers) == ["student"] and isinstance(states.data, Digits)
     assert with_rollouts(compose_cfg("train", ["method=progressive"]), "data") == "data"  # no DDIL: the data itself
+
+
+@pytest.mark.parametrize("old", [["method=ddil", "ddil.base=dmd2"], ["ddil.base=dmd2"]])
+def test_the_old_ddil_command_line_is_refused_in_one_line_that_gives_the_new_one(tmp_path, old):
+    result = run_module("fewstep.train", *old, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "fewstep.train method=" in result.stderr and "ddil=default" in result.stderr
+
+
+class HalfwayStudent(DistilledStudent):
+    """A new EDM-space student in a few lines: the student's x0 at a state is the teacher's one DDIM step halfway
+    down to the next level, denoised by the teacher (an arbitrary target; the point is that DDIL needs no edit)."""
+
+    def __init__(self, *args, student_steps: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters("student_steps")
+
+    @property
+    def teacher_steps(self) -> int:
+        return 2 * self.hparams.student_steps
+
+    def state_loss(self, x, k, class_labels, rng):
+        sigma = self.state_sigmas[k]
+        target = self.teacher_denoise(x, sigma, class_labels)
+        return ((self.denoiser(x, sigma, class_labels) - target) ** 2).mean()
+
+
+def test_a_new_student_is_a_module_and_a_config_and_ddil_works_on_it_without_other_edits(compose_cfg, tmp_path):
+    config_dir = tmp_path / "my_conf" / "method"
+    config_dir.mkdir(parents=True)
+    (config_dir / "halfway.yaml").write_text(
+        "defaults:\n  - /teacher@_global_.teacher: edm_teacher\n  - _self_\n"
+        f"_target_: {__name__}.HalfwayStudent\n_recursive_: false\nstudent_steps: 2\n"
+        "optimizer: {_target_: torch.optim.Adam, _partial_: true, lr: 1.0e-4}\n"
+    )
+    cfg = compose_cfg("train", [
+        "method=halfway", "ddil=default", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", *fit_overrides(tmp_path),
+        *CHECKPOINTS, "trainer.max_steps=3", "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2",
+    ])
+    metrics = train(cfg)
+    shares = [metrics[f"ddil/{s}_fraction"] for s in ("fwd", "teacher", "student")]
+    assert abs(sum(shares) - 1) < 1e-6
+    student = load_method(tmp_path / "checkpoints" / "last.ckpt")
+    assert isinstance(student, HalfwayStudent) and student.hparams.ddil["b_student"] == 0.25

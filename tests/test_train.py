@@ -139,7 +139,7 @@ def test_command_line_train_then_sample(tmp_path):
 @pytest.mark.parametrize(
     "module,args,expected",
     [
-        ("fewstep.train", ["method=nope"], "unknown method 'nope': choose one of consistency, ddil, dmd2, edm_teacher"),
+        ("fewstep.train", ["method=nope"], "unknown method 'nope': choose one of consistency, dmd2, edm_teacher"),
         ("fewstep.train", ["model=huge"], "unknown model 'huge': choose one of"),
         ("fewstep.train", ["data=imagenet"], "unknown data 'imagenet': choose one of"),
         ("fewstep.sample", ["ckpt=x.ckpt", "sampler=rk45"], "unknown sampler 'rk45': choose one of"),

@@ -3,7 +3,7 @@
     python tools/bench_students.py --teacher CKPT LABEL=RUN_DIR [LABEL=RUN_DIR ...] [--n 1000] [--out DIR]
     python tools/bench_students.py --rows A/students.json B/students.json --out DIR   # one table from earlier runs
 
-Each RUN_DIR is a ``python -m fewstep.train method=...`` run of progressive, consistency, dmd2 or ddil:
+Each RUN_DIR is a ``python -m fewstep.train method=...`` run of progressive, consistency or dmd2 (ddil=default or not):
 a staged run (progressive rounds ``stage<i>_<N>steps``) gives its N-step students at N in --steps, a
 consistency student is sampled at every N in --steps (``sampler=consistency``), a DMD2 student at its
 own step count. Every row goes through ``fewstep.evaluate`` with metric=fid_domain (the same numbers as

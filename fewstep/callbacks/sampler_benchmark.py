@@ -168,6 +168,8 @@ class SamplerBenchmark(L.Callback):
             scalars[f"benchmark/images_per_second/{tag}"] = row["images_per_second"]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
+        # also where the run's returned metrics come from (a sweeper's optimized_metric, ModelCheckpoint's monitor)
+        trainer.callback_metrics.update({key: torch.tensor(float(value)) for key, value in scalars.items()})
         out = run_log_dir(trainer) / "benchmark"
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "results.jsonl", "a") as file:

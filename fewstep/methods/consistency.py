@@ -8,15 +8,23 @@ import torch
 
 from fewstep.errors import ConfigError
 from fewstep.methods.student import DistilledStudent, ddim_step
+from fewstep.networks.lpips_loss import check_options, frozen_lpips
 from fewstep.networks.preconditioning import shifted_edm_denoise
 from fewstep.samplers import CountingDenoiser, sample
 
-LOSSES = ("l2", "huber")
+LOSSES = ("l2", "huber", "lpips")
 
 
-def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "l2", c: float | None = None) -> torch.Tensor:
-    """Per-sample distance: mean squared error (l2) or pseudo-Huber sqrt(|a - b|^2 + c^2) - c (Song & Dhariwal 2023),
-    c = 0.00054 sqrt(d) by default."""
+def consistency_distance(
+    a: torch.Tensor, b: torch.Tensor, kind: str = "l2", c: float | None = None, lpips=None
+) -> torch.Tensor:
+    """Per-sample distance: mean squared error (l2), pseudo-Huber sqrt(|a - b|^2 + c^2) - c (Song & Dhariwal 2023),
+    c = 0.00054 sqrt(d) by default, or LPIPS (the consistency-models paper's; ``lpips`` a
+    ``fewstep.networks.lpips_loss.LPIPSLoss``)."""
+    if kind == "lpips":
+        if lpips is None:
+            raise ConfigError("consistency_distance(kind='lpips') needs the LPIPS network: pass lpips=LPIPSLoss(...)")
+        return lpips(a, b)
     diff = (a - b).flatten(1)
     if kind == "l2":
         return diff.square().mean(1)
@@ -40,12 +48,16 @@ class Consistency(DistilledStudent):
     def __init__(
         self, *args, teacher_steps: int = 32, skip: int = 2, sample_steps: int = 4, loss: str = "l2",
         huber_c: float | None = None, target_decay: float = 0.95, guidance_range: tuple[float, float] = (0.0, 0.0),
+        lpips_net: str = "vgg", lpips_backbone: str | None = None, lpips_resize: int | None = 224,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters("teacher_steps", "skip", "sample_steps", "loss", "huber_c", "target_decay", "guidance_range")
+        self.save_hyperparameters("lpips_net", "lpips_backbone", "lpips_resize")
         if loss not in LOSSES:
             raise ConfigError(f"unknown consistency loss '{loss}': choose one of {', '.join(LOSSES)}")
+        if loss == "lpips":
+            check_options(lpips_net, lpips_resize, self.hparams.data_shape)
         if not 1 <= skip < teacher_steps:
             raise ConfigError(f"method.skip={skip}: skip 1 .. teacher_steps - 1 ({teacher_steps - 1}) levels")
         if sample_steps < 1 or teacher_steps % sample_steps:
@@ -71,6 +83,15 @@ class Consistency(DistilledStudent):
 
     def teacher_attached(self, teacher) -> None:
         self.target_net.load_state_dict(self.net.state_dict())
+
+    def perceptual(self):
+        """loss=lpips: the frozen LPIPS network, built on first use, outside the state_dict and EMA; else None."""
+        hp = self.hparams
+        return frozen_lpips(self, hp.lpips_net, hp.lpips_backbone, hp.lpips_resize) if hp.loss == "lpips" else None
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
 
     # -- grids ------------------------------------------------------------------------------------------------
     @property
@@ -126,7 +147,7 @@ class Consistency(DistilledStudent):
             x_j = ddim_step(x, self.teacher_denoise(x, sigma_i, class_labels, w), sigma_i, sigma_j)
             target = self.consistency_fn(self.target_net, x_j, sigma_j, class_labels, w)
         prediction = self.denoiser(x, sigma_i, class_labels, w)
-        return consistency_distance(prediction, target, hp.loss, hp.huber_c).mean()
+        return consistency_distance(prediction, target, hp.loss, hp.huber_c, self.perceptual()).mean()
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -6,13 +6,16 @@ import copy
 
 import torch
 from hydra.utils import instantiate
+from torch import nn
 from torch.nn import functional as F
 
 from fewstep.errors import ConfigError
 from fewstep.methods.base import plain
+from fewstep.methods.gan import AdversarialTraining
+from fewstep.methods.gan import discriminator_loss as gan_discriminator_loss
+from fewstep.methods.gan import generator_loss as gan_generator_loss
 from fewstep.methods.student import DistilledStudent
 from fewstep.networks.discriminators import Head
-from fewstep.networks.freezing import no_param_grads
 from fewstep.networks.preconditioning import denoiser_features, edm_denoise
 from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
 from fewstep.samplers.grids import karras_warp
@@ -35,7 +38,7 @@ def distribution_matching_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Te
     return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
 
 
-class DMD2(DistilledStudent):
+class DMD2(AdversarialTraining, DistilledStudent):
     """A 1- or K-step generator G(x_k, sigma_k) (EDM preconditioning, started from the teacher) trained by
     distribution matching against the frozen teacher (the real score, guided when conditional) and a fake-score
     critic trained by denoising on the generator's outputs, ``critic_steps`` critic updates per generator step;
@@ -45,7 +48,8 @@ class DMD2(DistilledStudent):
     backward simulation (the state at level k is the current generator run from noise for k steps, renoised),
     and samples with ``consistency`` (x0 = G(x, sigma_k), then x0 + sigma_{k+1} z). The distribution-matching
     noise level is sigma(u), u ~ U[0.02, 0.98] on the Karras warp from sigma_max to sigma_min (DMD2's
-    t ~ U[0.02, 0.98] T). Manual optimisation; only the generator step advances ``global_step``.
+    t ~ U[0.02, 0.98] T). Manual optimisation (``AdversarialTraining``): the critic steps, then the generator's
+    with the critic frozen; only the generator step advances ``global_step``.
     """
 
     student_sampler = "consistency"
@@ -134,7 +138,7 @@ class DMD2(DistilledStudent):
             sigma = self.dm_sigmas(rng)
             logits_fake = self.gan_logits(fake + sigma.view(shape) * rng.randn_like(fake), sigma, class_labels)
             logits_real = self.gan_logits(x_real + sigma.view(shape) * rng.randn_like(x_real), sigma, class_labels)
-            out["gan"] = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+            out["gan"] = gan_discriminator_loss(logits_real, logits_fake, "nonsaturating")
             out["loss"] = out["loss"] + hp.critic_gan_weight * out["gan"]
         return out
 
@@ -150,39 +154,37 @@ class DMD2(DistilledStudent):
             grad = torch.nan_to_num(distribution_matching_grad(fake, real, fake_x0))
         out = {"dm": distribution_matching_loss(fake, grad)}
         out["loss"] = out["dm"]
-        if self.gan and hp.gan_weight > 0:
-            with no_param_grads(self.fake_net), no_param_grads(self.head):
-                out["gan"] = F.softplus(-self.gan_logits(noisy, sigma, class_labels)).mean()
+        if self.gan and hp.gan_weight > 0:  # in training the critic is frozen here (adversarial_step)
+            out["gan"] = gan_generator_loss(self.gan_logits(noisy, sigma, class_labels), "nonsaturating")
             out["loss"] = out["loss"] + hp.gan_weight * out["gan"]
         return out
 
     def check_finite(self, value: torch.Tensor, what: str = "training", hint: str | None = None) -> None:
         super().check_finite(value, what, hint or "lower method.optimizer.lr / method.optimizer_critic.lr")
 
+    @property
+    def critic(self) -> list[nn.Module]:
+        """The fake-score critic's modules: its network and, with ``gan``, the GAN head."""
+        return [self.fake_net, self.head] if self.gan else [self.fake_net]
+
     def training_step(self, batch, batch_idx):
         x_real, y = batch
         rng = self.step_rng(x_real.shape[0], x_real.device, batch_idx)
         labels = self.training_labels(y, rng)
-        opt_g, opt_c = self.optimizers()
         x, k, labels = self.training_states(x_real, labels, rng)
         sigma = self.state_sigmas[k]
 
-        for _ in range(self.hparams.critic_steps):  # not counted in global_step
+        def critic_step():
             with torch.no_grad():
                 fake = self.student_x0(x, sigma, labels)
-            c = self.critic_loss(fake, x_real, labels, rng)
-            self.check_finite(c["loss"], "critic")
-            opt_c.zero_grad(set_to_none=True)
-            self.manual_backward(c["loss"])
-            self.trainer.strategy.optimizer_step(opt_c.optimizer, closure=lambda: None)
+            return self.critic_loss(fake, x_real, labels, rng)
 
-        fake = self.student_x0(x, sigma, labels)
-        g = self.generator_loss(fake, labels, rng)
-        self.check_finite(g["loss"], "generator")
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g["loss"])
-        opt_g.step()
+        def generator_step():
+            return self.generator_loss(self.student_x0(x, sigma, labels), labels, rng)
 
+        g, c = self.adversarial_step(
+            generator_step, critic_step, self.critic, steps=self.hparams.critic_steps, names=("generator", "critic")
+        )
         self.log("train/loss", g["loss"].detach(), prog_bar=True)
         self.log("train/loss_dm", g["dm"].detach())
         self.log("train/loss_critic", c["denoise"].detach(), prog_bar=True)
@@ -198,7 +200,7 @@ class DMD2(DistilledStudent):
 
     def configure_optimizers(self):
         hp = self.hparams
-        critic = [*self.fake_net.parameters(), *(self.head.parameters() if self.gan else ())]
+        critic = [p for module in self.critic for p in module.parameters()]
         opt_g = instantiate(hp.optimizer, _convert_="all")(self.net.parameters())
         opt_c = instantiate(hp.optimizer_critic, _convert_="all")(critic)
         return [opt_g, opt_c]

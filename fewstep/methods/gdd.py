@@ -11,43 +11,18 @@ from __future__ import annotations
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
-from torch.nn import functional as F
 
 from fewstep.errors import ConfigError
 from fewstep.methods.base import DenoiserMethod, plain
+from fewstep.methods.gan import LOSSES, AdversarialTraining, LazyR1, discriminator_loss, generator_loss
 from fewstep.methods.noise import BatchNoise
 from fewstep.methods.teacher import TaughtMethod
 from fewstep.networks.discriminators import build_discriminator
 from fewstep.networks.freezing import freeze as freeze_layers
-from fewstep.networks.freezing import no_param_grads
 from fewstep.networks.preconditioning import shifted_edm_denoise
 from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
 
-LOSSES = ("nonsaturating", "hinge")
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
-
-
-# -- GAN losses --------------------------------------------------------------------------------------------
-
-
-def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "nonsaturating") -> torch.Tensor:
-    """Non-saturating: softplus(D(G(z))) + softplus(-D(x)); hinge: relu(1 + D(G(z))) + relu(1 - D(x)). Batch means."""
-    if kind == "hinge":
-        return F.relu(1 + logits_fake).mean() + F.relu(1 - logits_real).mean()
-    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
-
-
-def generator_loss(logits_fake: torch.Tensor, kind: str = "nonsaturating") -> torch.Tensor:
-    """Non-saturating: softplus(-D(G(z))); hinge: -D(G(z)). Batch means."""
-    if kind == "hinge":
-        return -logits_fake.mean()
-    return F.softplus(-logits_fake).mean()
-
-
-def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor, gamma: float) -> torch.Tensor:
-    """gamma / 2 E |grad_x D(x)|^2 on reals (``x_real`` must require grad and have produced ``logits_real``)."""
-    (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
-    return gamma / 2 * grad.square().flatten(1).sum(1).mean()
 
 
 def moment_gap(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -57,14 +32,7 @@ def moment_gap(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return mean + std
 
 
-def double_backward_attention():
-    """SDPA's flash / memory-efficient kernels have no double backward (R1 needs one): use the math kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-class GDD(TaughtMethod, DenoiserMethod):
+class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
     """One-step generator G(z) = D_theta(sigma_max z; sigma_max), trained by a GAN against real data.
 
     - ``denoiser`` is the generator's network with EDM preconditioning whose c_skip/c_out are shifted by
@@ -72,9 +40,10 @@ class GDD(TaughtMethod, DenoiserMethod):
       G(z) with z = the seeds' noise: exactly one network call. ``nfe > 1`` runs the named diffusion
       sampler on ``denoiser`` from sigma_max to eps: a diagnostic only, since the GAN trains the network at
       sigma_max alone (at initialisation it is the teacher's multi-step sampler).
-    - Training (manual optimisation): per batch one discriminator step (L_D on G(z) detached and the reals,
-      plus lazy R1 on every ``r1_interval``-th step: r1_interval * gamma/2 E|grad_x D(x)|^2, StyleGAN2's lazy
-      scaling, added to that step's L_D) then one generator step (L_G, discriminator parameters frozen for it).
+    - Training (manual optimisation; fewstep.methods.gan's ``AdversarialTraining`` and ``LazyR1``): per batch
+      one discriminator step (L_D on G(z) detached and the reals, plus lazy R1 on every ``r1_interval``-th step:
+      r1_interval * gamma/2 E|grad_x D(x)|^2, StyleGAN2's lazy scaling, added to that step's L_D) then one
+      generator step (L_G, discriminator parameters frozen for it).
       Only the generator step advances ``trainer.global_step``: max_steps, val_check_interval and the EMA
       count batches (the discriminator step goes through the strategy's optimizer_step uncounted).
     - ``discriminator``: see fewstep.networks.discriminators (default: the frozen teacher's encoder).
@@ -170,26 +139,25 @@ class GDD(TaughtMethod, DenoiserMethod):
         return x, counted.nfe
 
     # -- training ----------------------------------------------------------------------------------------
+    @property
+    def r1(self) -> LazyR1:
+        return LazyR1(self.hparams.r1_gamma, self.hparams.r1_interval)
+
     def r1_due(self, step: int) -> bool:
         """Whether the discriminator step at (0-based) ``step`` adds the lazy R1 penalty."""
-        return self.hparams.r1_gamma > 0 and step % self.hparams.r1_interval == 0
+        return self.r1.due(step)
 
     def discriminator_losses(self, x_real, fake, class_labels, apply_r1: bool) -> dict[str, torch.Tensor]:
         """{loss (L_D [+ r1_interval * R1]), d_real, d_fake[, r1]} for one discriminator step."""
-        hp = self.hparams
         out = {}
         if apply_r1:
-            x_real = x_real.detach().requires_grad_(True)
-            with double_backward_attention():
-                logits_real = self.discriminator(x_real, class_labels)
-                out["r1"] = r1_penalty(logits_real, x_real, hp.r1_gamma)
+            logits_real, out["r1"] = self.r1.penalty(lambda x: self.discriminator(x, class_labels), x_real)
         else:
             logits_real = self.discriminator(x_real, class_labels)
         logits_fake = self.discriminator(fake.detach(), class_labels)
-        out["loss"] = discriminator_loss(logits_real, logits_fake, hp.loss)
-        out["loss_d"] = out["loss"].detach()
-        if apply_r1:
-            out["loss"] = out["loss"] + hp.r1_interval * out["r1"]
+        out["loss_d"] = discriminator_loss(logits_real, logits_fake, self.hparams.loss)
+        out["loss"] = self.r1.lazy(out["loss_d"], out.get("r1"))
+        out["loss_d"] = out["loss_d"].detach()
         out["d_real"], out["d_fake"] = logits_real.detach().mean(), logits_fake.detach().mean()
         return out
 
@@ -205,28 +173,19 @@ class GDD(TaughtMethod, DenoiserMethod):
         x_real, y = batch
         rng = self.step_rng(x_real.shape[0], x_real.device, batch_idx)
         labels = self.training_labels(y, rng)
-        opt_g, opt_d = self.optimizers()
         apply_r1 = self.r1_due(self.global_step)
 
-        # discriminator step (not counted in global_step)
-        with torch.no_grad():
+        def discriminator_step():  # on G(z) detached and the reals
+            with torch.no_grad():
+                fake = self.one_step(rng.randn_like(x_real), labels)
+            return self.discriminator_losses(x_real, fake, labels, apply_r1)
+
+        def generator_step():
             fake = self.one_step(rng.randn_like(x_real), labels)
-        d = self.discriminator_losses(x_real, fake, labels, apply_r1)
-        self.check_finite(d["loss"], "discriminator")
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d["loss"])
-        self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+            return {"loss": generator_loss(self.discriminator(fake, labels), self.hparams.loss)}
 
-        # generator step (counted: one global step per batch)
-        fake = self.one_step(rng.randn_like(x_real), labels)
-        with no_param_grads(self.discriminator):
-            loss_g = generator_loss(self.discriminator(fake, labels), self.hparams.loss)
-        self.check_finite(loss_g, "generator")
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
-        opt_g.step()
-
-        self.log("train/loss_g", loss_g.detach(), prog_bar=True)
+        g, d = self.adversarial_step(generator_step, discriminator_step, self.discriminator)
+        self.log("train/loss_g", g["loss"].detach(), prog_bar=True)
         self.log("train/loss_d", d["loss_d"], prog_bar=True)
         self.log("train/d_real", d["d_real"])
         self.log("train/d_fake", d["d_fake"])
@@ -259,4 +218,4 @@ class GDD(TaughtMethod, DenoiserMethod):
         raise NotImplementedError("gdd trains by a GAN in training_step; it has no single regression loss")
 
 
-__all__ = ["GDD", "discriminator_loss", "generator_loss", "moment_gap", "r1_penalty"]
+__all__ = ["GDD", "moment_gap"]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.errors import CheckpointError, ConfigError
+from fewstep.errors import ConfigError
 from fewstep.methods.kac_teacher import KAC_HPARAMS, KacTeacher
-from fewstep.methods.teacher import TaughtMethod
+from fewstep.methods.teacher import Staged, TaughtMethod
 from fewstep.samplers.kac import KAC_SOLVERS
 
 
-class KacEndpoint(TaughtMethod, KacTeacher):
+class KacEndpoint(Staged, TaughtMethod, KacTeacher):
     """The student takes one Euler step of size D = T / M where a frozen teacher takes N = teacher_steps / M.
 
     From x_{t_k} (a draw of the forward path at a grid time t_k = T - k D), the teacher integrates N
@@ -39,6 +39,30 @@ class KacEndpoint(TaughtMethod, KacTeacher):
 
     def on_fit_start(self) -> None:
         self.require_teacher()
+
+    # -- stages (fewstep.methods.teacher.Staged) ---------------------------------------------------------------
+    @classmethod
+    def stage_steps(cls, options: dict) -> list[int]:
+        stages = [int(s) for s in options.get("stages") or [100, 20, 4, 2, 1]]
+        check_stages(stages)
+        return stages
+
+    @classmethod
+    def steps_per_stage(cls, options: dict) -> int:
+        return int(options.get("steps_per_stage", 400))
+
+    @classmethod
+    def stage_options(cls, options, teacher, teacher_path, teacher_steps, steps, first_sampler) -> dict:
+        """The teacher's Kac process, this stage's steps, the method's shared options. The first teacher is a
+        Kac-flow model integrated with any solver (``first_sampler``); later ones (None) are students, made for Euler."""
+        return {
+            **{key: teacher.hparams[key] for key in KAC_HPARAMS},
+            "t_min": float(teacher.hparams.get("t_min", 1e-3)),
+            **{key: options.get(key) for key in ("conditional", "label_dropout", "optimizer", "scheduler")},
+            "student_steps": steps, "teacher_steps": teacher_steps,
+            "teacher_sampler": first_sampler or "kac_euler",
+            "teacher_ckpt": str(teacher_path),
+        }
 
     def teacher_endpoint(self, x: torch.Tensor, t: torch.Tensor, class_labels) -> torch.Tensor:
         """The teacher's N sub-steps from each sample's own t down to t - D."""
@@ -80,12 +104,3 @@ def check_stages(stages: list[int]) -> None:
                 f"stages {list(stages)}: {student} student steps do not divide the {teacher} teacher steps; "
                 "use steps that each divide the one before (e.g. 100,20,4,2,1)"
             )
-
-
-def require_kac(teacher, path) -> None:
-    """A one-line CheckpointError unless ``teacher`` (from ``path``) is a Kac model."""
-    if not isinstance(teacher, KacTeacher):
-        where = f"teacher checkpoint '{path}'" if path else "the teacher"
-        raise CheckpointError(
-            f"{where} holds a {type(teacher).__name__}, not a Kac model: kac_endpoint distils a method=kac_teacher run"
-        )

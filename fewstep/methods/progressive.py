@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from fewstep.errors import ConfigError
 from fewstep.methods.student import DistilledStudent, ddim_step
+from fewstep.methods.teacher import Staged
+from fewstep.networks.lpips_loss import check_options, frozen_lpips
+
+ROUND_KEYS = ("start_steps", "end_steps", "steps_per_round", "ema_decay")  # the pipeline's, not a round's
+LOSSES = ("l2", "lpips")
 
 
 def progressive_target(teacher_x0, x_t, sigma_t, sigma_mid, sigma_s) -> torch.Tensor:
@@ -20,25 +26,58 @@ def progressive_target(teacher_x0, x_t, sigma_t, sigma_mid, sigma_s) -> torch.Te
     return (x_s - ratio * x_t) / (1 - ratio)
 
 
-class Progressive(DistilledStudent):
+class Progressive(Staged, DistilledStudent):
     """One round: an N-step DDIM student of a 2N-step DDIM teacher, both on nested Karras grids.
 
     A state x_t at the student's level t = sigma_k gets the target of ``progressive_target`` from the teacher's
     two steps t -> sigma_mid -> s (s = sigma_{k+1}, mid the teacher's level between them); the loss is the
-    truncated-SNR-weighted x-space error max(SNR, 1) |D(x_t, t) - x~|^2, SNR = 1 / t^2 in EDM's space. The
+    truncated-SNR-weighted x-space error max(SNR, 1) |D(x_t, t) - x~|^2, SNR = 1 / t^2 in EDM's space (``loss``
+    l2), or the same weight on LPIPS(D(x_t, t), x~) (``loss`` lpips, ``fewstep.networks.lpips_loss``). The
     student samples with ``euler`` (= DDIM here) on the nested grid at N steps. ``python -m fewstep.train
     method=progressive`` runs the rounds ``start_steps`` -> ``end_steps``, each its own fit (``stages``).
     """
 
     student_sampler = "euler"
 
-    def __init__(self, *args, student_steps: int = 1, **kwargs):
+    def __init__(
+        self, *args, student_steps: int = 1, loss: str = "l2", lpips_net: str = "vgg", lpips_backbone: str | None = None,
+        lpips_resize: int | None = 224, **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters("student_steps")
+        self.save_hyperparameters("loss", "lpips_net", "lpips_backbone", "lpips_resize")
+        if loss not in LOSSES:
+            raise ConfigError(f"unknown progressive loss '{loss}': choose one of {', '.join(LOSSES)}")
+        if loss == "lpips":
+            check_options(lpips_net, lpips_resize, self.hparams.data_shape)
+
+    def perceptual(self):
+        """loss=lpips: the frozen LPIPS network, built on first use, outside the state_dict and EMA; else None."""
+        hp = self.hparams
+        return frozen_lpips(self, hp.lpips_net, hp.lpips_backbone, hp.lpips_resize) if hp.loss == "lpips" else None
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
 
     @property
     def teacher_steps(self) -> int:
         return 2 * self.hparams.student_steps
+
+    # -- rounds (fewstep.methods.teacher.Staged) ---------------------------------------------------------------
+    @classmethod
+    def stage_steps(cls, options: dict) -> list[int]:
+        return halving_stages(options.get("start_steps", 32), options.get("end_steps", 1))
+
+    @classmethod
+    def steps_per_stage(cls, options: dict) -> int:
+        return int(options.get("steps_per_round", 300))
+
+    @classmethod
+    def stage_options(cls, options, teacher, teacher_path, teacher_steps, steps, first_sampler) -> dict:
+        """This round's: the method's options, ``steps`` student steps (its teacher takes twice as many)."""
+        keep = {k: v for k, v in options.items() if k not in (*ROUND_KEYS, "_target_", "_recursive_")}
+        return {**keep, "student_steps": steps, "teacher_ckpt": str(teacher_path)}
 
     def state_loss(self, x, k, class_labels, rng):
         student, teacher = self.student_sigmas, self.grid(self.teacher_steps)
@@ -49,6 +88,8 @@ class Progressive(DistilledStudent):
 
         target = progressive_target(teacher_x0, x, sigma_t, sigma_mid, sigma_s)
         weight = (1 / sigma_t**2).clamp(min=1.0).view((-1,) + (1,) * (x.ndim - 1))
+        if self.hparams.loss == "lpips":
+            return (weight.flatten() * self.perceptual()(self.denoiser(x, sigma_t, class_labels), target)).mean()
         return (weight * (self.denoiser(x, sigma_t, class_labels) - target) ** 2).mean()
 
 

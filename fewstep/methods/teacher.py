@@ -58,6 +58,33 @@ class TaughtMethod:
             self.teacher.to(self.device)
 
 
+class Staged:
+    """Mixin for a method distilled in stages, each student teaching the next (progressive's rounds, DistillKac's
+    stages): it says which step counts the stages have and how stage i's student is built from its teacher, so
+    that ``fewstep/distill.py`` runs any such method the same way.
+
+    ``options`` are the method's config as a plain dict (its ``_target_`` included); pipeline keys (the stages,
+    their length, ``ema_decay``) are the method's to read and to leave out of each stage's constructor arguments.
+    """
+
+    @classmethod
+    def stage_steps(cls, options: dict) -> list[int]:
+        """The step counts: the first teacher's, then each stage's student's."""
+        raise NotImplementedError
+
+    @classmethod
+    def steps_per_stage(cls, options: dict) -> int:
+        """Training steps of each stage."""
+        raise NotImplementedError
+
+    @classmethod
+    def stage_options(cls, options: dict, teacher, teacher_path, teacher_steps: int, steps: int, first_sampler) -> dict:
+        """The constructor arguments of the stage whose student takes ``steps`` where ``teacher`` (read from
+        ``teacher_path``) takes ``teacher_steps``; ``first_sampler``: the first stage's teacher's solver
+        (``teacher.sampler``), None in later stages."""
+        raise NotImplementedError
+
+
 def start_from(student: nn.Module, teacher: nn.Module, student_only: tuple[str, ...] = ()) -> None:
     """Copy the teacher network's weights into the student's; only tensors named in ``student_only`` may be missing."""
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
@@ -66,15 +93,21 @@ def start_from(student: nn.Module, teacher: nn.Module, student_only: tuple[str, 
         raise CheckpointError(f"the teacher's network does not fit the student's: {(extra + unexpected)[0]}")
 
 
+def check_kind(teacher, student_class: type, path) -> None:
+    """One line unless ``teacher`` (from ``path``) is of the kind ``student_class`` distils (``teacher_kind``)."""
+    kind = student_class.teacher_kind
+    if not isinstance(teacher, kind):
+        where = f"teacher checkpoint '{path}'" if path else "the teacher"
+        raise CheckpointError(
+            f"{where} holds a {type(teacher).__name__}, not {kind.kind_name}: {student_class.__name__.lower()} distils "
+            f"{kind.teacher_source}"
+        )
+
+
 def check_teacher(teacher, student, path) -> None:
     """One line naming why ``teacher`` (from ``path``) cannot teach ``student``: its kind or its settings."""
     where = f"teacher checkpoint '{path}'" if path else "the teacher"
-    name = type(student).__name__.lower()
-    kind = student.teacher_kind
-    if not isinstance(teacher, kind):
-        raise CheckpointError(
-            f"{where} holds a {type(teacher).__name__}, not {kind.kind_name}: {name} distils {kind.teacher_source}"
-        )
+    check_kind(teacher, type(student), path)
     if list(teacher.hparams.data_shape) != list(student.hparams.data_shape):
         raise CheckpointError(
             f"{where} makes images of shape {list(teacher.hparams.data_shape)} and this data set has "
@@ -93,4 +126,4 @@ def check_teacher(teacher, student, path) -> None:
             )
 
 
-__all__ = ["TaughtMethod", "check_teacher", "start_from"]
+__all__ = ["Staged", "TaughtMethod", "check_kind", "check_teacher", "start_from"]

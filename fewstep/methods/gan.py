@@ -1,0 +1,132 @@
+"""The GAN machinery that GDD and DMD2 share: the losses, lazy R1, and the alternating two-optimiser step.
+
+- Losses on the discriminator's logits, by name (``LOSSES``): ``nonsaturating`` (Goodfellow et al. 2014),
+  L_D = softplus(D(G(z))) + softplus(-D(x)), L_G = softplus(-D(G(z))); ``hinge`` (Lim & Ye 2017),
+  L_D = relu(1 + D(G(z))) + relu(1 - D(x)), L_G = -D(G(z)). Batch means.
+- ``LazyR1``: R1 = gamma/2 E|grad_x D(x)|^2 on reals (Mescheder et al. 2018), computed only at every
+  ``interval``-th step and then weighted by ``interval`` (StyleGAN2's lazy regularisation, Karras et al. 2020).
+- ``AdversarialTraining``: k discriminator (critic) updates, then one generator update with the discriminator's
+  parameters frozen, under Lightning's manual optimisation; only the generator update counts as a global step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fewstep.networks.freezing import no_param_grads
+
+LOSSES = ("nonsaturating", "hinge")
+Losses = dict[str, torch.Tensor]  # what a loss callable returns: at least "loss", the value optimised
+
+
+def check_loss(kind: str) -> None:
+    if kind not in LOSSES:
+        raise ValueError(f"unknown GAN loss '{kind}': choose one of {', '.join(LOSSES)}")
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "nonsaturating") -> torch.Tensor:
+    """Non-saturating: softplus(D(G(z))) + softplus(-D(x)); hinge: relu(1 + D(G(z))) + relu(1 - D(x)). Batch means."""
+    check_loss(kind)
+    if kind == "hinge":
+        return F.relu(1 + logits_fake).mean() + F.relu(1 - logits_real).mean()
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+def generator_loss(logits_fake: torch.Tensor, kind: str = "nonsaturating") -> torch.Tensor:
+    """Non-saturating: softplus(-D(G(z))); hinge: -D(G(z)). Batch means."""
+    check_loss(kind)
+    if kind == "hinge":
+        return -logits_fake.mean()
+    return F.softplus(-logits_fake).mean()
+
+
+def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor, gamma: float) -> torch.Tensor:
+    """gamma / 2 E |grad_x D(x)|^2 on reals (``x_real`` must require grad and have produced ``logits_real``)."""
+    (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
+    return gamma / 2 * grad.square().flatten(1).sum(1).mean()
+
+
+def double_backward_attention():
+    """SDPA's flash / memory-efficient kernels have no double backward (R1 needs one): use the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class LazyR1:
+    """R1 on real data (Mescheder et al. 2018), applied lazily (Karras et al. 2020).
+
+    ``due(step)``: whether the (0-based) step adds it (every ``interval``-th one; never when gamma is 0).
+    ``penalty(discriminator, x_real)``: (D(x_real), R1) with R1 = gamma/2 E|grad_x D(x)|^2 unscaled.
+    ``lazy(loss, r1)``: that step's loss with the lazily scaled penalty, loss + interval * R1.
+    """
+
+    def __init__(self, gamma: float, interval: int = 16):
+        if not gamma >= 0 or int(interval) != interval or interval < 1:
+            raise ValueError(f"R1 gamma={gamma}, interval={interval}: use gamma >= 0 and an integer interval >= 1")
+        self.gamma, self.interval = float(gamma), int(interval)
+
+    def due(self, step: int) -> bool:
+        return self.gamma > 0 and step % self.interval == 0
+
+    def penalty(self, discriminator: Callable[[torch.Tensor], torch.Tensor], x_real: torch.Tensor):
+        """(D(x_real), gamma/2 E|grad_x D(x)|^2), on the math attention kernel (R1 is backpropagated through)."""
+        x_real = x_real.detach().requires_grad_(True)
+        with double_backward_attention():
+            logits_real = discriminator(x_real)
+            return logits_real, r1_penalty(logits_real, x_real, self.gamma)
+
+    def lazy(self, loss: torch.Tensor, r1: torch.Tensor | None) -> torch.Tensor:
+        """``loss`` + interval * R1 on a step that computed R1 (``r1`` None: ``loss`` unchanged)."""
+        return loss if r1 is None else loss + self.interval * r1
+
+
+class AdversarialTraining:
+    """Mixin for a LightningModule trained as a GAN under manual optimisation (``automatic_optimization = False``).
+
+    ``configure_optimizers`` returns [the generator's optimiser, the discriminator's]. ``adversarial_step``
+    makes ``steps`` discriminator updates (each ``discriminator_loss()``, backward, step), then one generator
+    update (``generator_loss()`` with the discriminator's parameters frozen, backward, step). Each loss callable
+    returns a dict whose ``loss`` is optimised; every loss is checked finite (``check_finite``). The
+    discriminator steps go through the strategy's optimizer_step uncounted, so only the generator step
+    advances ``trainer.global_step`` (max_steps, val_check_interval and the EMA count batches).
+    """
+
+    def adversarial_step(
+        self, generator_loss: Callable[[], Losses], discriminator_loss: Callable[[], Losses],
+        discriminator: nn.Module | Iterable[nn.Module], steps: int = 1,
+        names: tuple[str, str] = ("generator", "discriminator"),
+    ) -> tuple[Losses, Losses]:
+        """``steps`` discriminator steps, then one generator step; returns the generator's and the last
+        discriminator's loss dicts. ``discriminator``: the module(s) frozen for the generator's loss."""
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps={steps}: use an integer >= 1")
+        opt_g, opt_d = self.optimizers()
+        for _ in range(int(steps)):  # not counted in global_step
+            d = discriminator_loss()
+            self.check_finite(d["loss"], names[1])
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d["loss"])
+            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+
+        modules = [discriminator] if isinstance(discriminator, nn.Module) else list(discriminator)
+        with ExitStack() as frozen:
+            for module in modules:
+                frozen.enter_context(no_param_grads(module))
+            g = generator_loss()
+        self.check_finite(g["loss"], names[0])
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g["loss"])
+        opt_g.step()  # counted: one global step per call
+        return g, d
+
+
+__all__ = [
+    "LOSSES", "AdversarialTraining", "LazyR1", "discriminator_loss", "double_backward_attention", "generator_loss",
+    "r1_penalty",
+]
