@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import re
@@ -10,8 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fewstep.errors import CheckpointError
 
@@ -65,15 +64,16 @@ def refused_global(path: Path, error: Exception) -> str:
 
 
 def method_class(checkpoint: dict) -> type:
-    """The method class a checkpoint names: one of fewstep.methods, or a GenerativeMethod of a module the program
-    has already imported; anything else is refused (the name comes from the file)."""
-    from fewstep.methods import GenerativeMethod
+    """The method class a checkpoint names: one of METHODS, or a GenerativeMethod of a module the program has
+    already imported; anything else is refused (the name comes from the file, so nothing is imported for it)."""
+    from fewstep.methods import METHODS, GenerativeMethod
 
     name = str(checkpoint["fewstep"].get("method_class", ""))
     module, _, attribute = name.rpartition(".")
+    known = {f"{cls.__module__}.{cls.__qualname__}": cls for cls, _ in METHODS.values()}
     cls = None
-    if module.startswith("fewstep.methods.") and attribute.isidentifier():
-        cls = getattr(importlib.import_module(module), attribute, None)
+    if name in known:
+        cls = known[name]
     elif module in sys.modules:  # a method of the user's own, already imported: a file never makes us import one
         cls = getattr(sys.modules[module], attribute, None)
     if not (isinstance(cls, type) and issubclass(cls, GenerativeMethod)):

@@ -26,10 +26,9 @@ from rich.console import Console
 from fewstep.checkpoints import EDM_SUFFIXES, load_method
 from fewstep.cli import check_overrides, user_errors
 from fewstep.errors import ConfigError
-from fewstep.generate import generate
+from fewstep.generate import generate, resolve_device
 from fewstep.images import to_uint8
 from fewstep.metrics.score import check_metric, feature_extractor, reference_key, score, score_against_file
-from fewstep.sample import resolve_device
 
 
 def training_config(ckpt: str, data_config: str | None, required: bool = True) -> DictConfig | None:

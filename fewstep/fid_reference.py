@@ -18,9 +18,9 @@ from rich.console import Console
 
 from fewstep.cli import check_overrides, user_errors
 from fewstep.errors import ConfigError
+from fewstep.generate import resolve_device
 from fewstep.metrics.fid import warn_if_biased
 from fewstep.metrics.reference import stats_of_batches, write_npz_reference
-from fewstep.sample import resolve_device
 
 
 def uint8_batches(dataset, count: int, batch_size: int):

@@ -74,3 +74,9 @@ def gather_in_order(trainer, part: torch.Tensor, count: int) -> torch.Tensor:
     """The first ``count`` samples of the ranks' equally long ``part``s put end to end in rank order, on every rank."""
     gathered = trainer.strategy.all_gather(part)  # [world, *part.shape]; ``part`` itself in a single process
     return gathered.reshape(-1, *part.shape[1:])[:count]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -8,21 +8,14 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
 from fewstep.checkpoints import load_method
 from fewstep.cli import check_overrides, user_errors
 from fewstep.errors import ConfigError
-from fewstep.generate import generate
+from fewstep.generate import generate, resolve_device
 from fewstep.images import save_grid, to_uint8
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def sample_checkpoint(cfg: DictConfig) -> dict:

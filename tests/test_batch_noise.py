@@ -6,14 +6,13 @@ with batch 2n: for a loss that is a mean over the batch, the full-batch loss is 
 
 import pytest
 import torch
+from test_gdd import CONV, gdd
+from test_gdd import teacher as gdd_teacher
+from test_kac_methods import kac_model
+from test_students import SHAPE, UNET, randomize, student
 
 from fewstep.methods import DMD2, BatchNoise, Consistency, EDMTeacher, FlowTeacher, KacEndpoint, Progressive
 from fewstep.methods.gdd import generator_loss
-
-from test_gdd import CONV, gdd
-from test_gdd import teacher as gdd_teacher
-from test_students import SHAPE, UNET, randomize, student
-from test_kac_methods import kac_model
 
 N = 4  # per rank; two ranks
 

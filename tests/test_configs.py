@@ -116,13 +116,12 @@ def test_sampler_configs_name_a_solver(compose_cfg, sampler):
 
 def test_the_wheel_carries_the_whole_config_tree(tmp_path):
     # conf/ sits at the repository root; a non-editable install must still find it inside the package
+    import shutil
     import subprocess
     import sys
     import zipfile
 
     from conftest import REPO
-
-    import shutil
 
     source = tmp_path / "source"  # a copy, so that no stale build/ of the working tree takes part
     shutil.copytree(REPO, source, symlinks=True,

@@ -19,7 +19,6 @@ from fewstep.data.images import FASHION_MNIST_DEBIAN_ROOT, read_idx
 from fewstep.data.loaders import ResumableSampler
 from fewstep.errors import ConfigError, DatasetNotFound
 
-
 # ---------------------------------------------------------------- in-memory image sets
 
 

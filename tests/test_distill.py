@@ -4,7 +4,7 @@ import torch
 
 from fewstep.checkpoints import load_method
 from fewstep.generate import generate
-from fewstep.methods import EDMTeacher, GDD
+from fewstep.methods import GDD, EDMTeacher
 from fewstep.train import train
 
 from conftest import TINY

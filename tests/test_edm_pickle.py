@@ -189,7 +189,7 @@ def test_malicious_storage_bytes_are_refused(tmp_path, zipped):
     path = write(tmp_path / "s.pkl", {"ema": Call(torch._utils._rebuild_tensor_v2, storage, 0, (1,), (1,), False, {})})
     assert_one_line_refusal(path, "embedded tensor storage")
     assert not pwned.exists()
-    with pytest.raises(Exception):  # the control: torch's own reader runs the payload (then fails on its result)
+    with pytest.raises(Exception):  # noqa: B017 (the control: torch's own reader runs the payload, then fails on its result)
         pickle.loads(path.read_bytes())
     assert pwned.exists()
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, run_module
 from fewstep.checkpoints import load_method
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.generate import generate
 from fewstep.methods import EDMTeacher
 from fewstep.train import train
+
+from conftest import TINY, run_module
 
 pytest.importorskip("diffusers")
 

@@ -129,7 +129,7 @@ def test_edm_zip_without_dataset_json_is_unconditional(tmp_path):
 def test_edm_zip_missing_path_is_one_line(tmp_path, path):
     data = EDMZip(path=None if path is None else str(tmp_path / path))
     with pytest.raises(DatasetNotFound) as error:
-        data.shape
+        _ = data.shape
     message = str(error.value)
     assert "\n" not in message and "dataset_tool.py" in message and "data.path" in message
 

@@ -20,7 +20,6 @@ from fewstep.methods.edm_teacher import EDMTeacher
 from fewstep.methods.flow_teacher import FlowTeacher
 from fewstep.methods.gan import discriminator_loss, generator_loss
 from fewstep.methods.gdd import GDD
-from fewstep.networks.preconditioning import shifted_edm_coefficients
 from fewstep.networks import UNet, edm_coefficients
 from fewstep.networks.discriminators import (
     ConvDiscriminator,
@@ -29,6 +28,7 @@ from fewstep.networks.discriminators import (
     build_discriminator,
 )
 from fewstep.networks.freezing import freeze, frozen_names
+from fewstep.networks.preconditioning import shifted_edm_coefficients
 from fewstep.samplers import SeededNoise
 
 UNET = {"_target_": "fewstep.networks.UNet", "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [1]}

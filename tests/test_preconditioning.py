@@ -2,7 +2,7 @@
 
 import torch
 
-from fewstep.networks import EDMPrecond, edm_coefficients
+from fewstep.networks import edm_coefficients, edm_denoise
 
 SIGMAS = torch.logspace(-3, 2, 50, dtype=torch.float64)
 
@@ -32,7 +32,7 @@ def test_limits_and_c_noise():
     torch.testing.assert_close(c_noise, torch.log(torch.tensor([1e-6, 1e6], dtype=torch.float64)) / 4)
 
 
-def test_wrapper_applies_coefficients_to_the_network():
+def test_edm_denoise_applies_the_coefficients_to_the_network():
     class Recorder(torch.nn.Module):
         def forward(self, x, c_noise, class_labels=None):
             self.seen = (x.clone(), c_noise.clone())
@@ -41,7 +41,7 @@ def test_wrapper_applies_coefficients_to_the_network():
     net = Recorder()
     x = torch.randn(3, 2)
     sigma = torch.tensor([0.1, 1.0, 10.0])
-    out = EDMPrecond(net, sigma_data=0.5)(x, sigma)
+    out = edm_denoise(net, x, sigma, None, sigma_data=0.5)
     c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, 0.5)
     torch.testing.assert_close(net.seen[0], c_in[:, None] * x)
     torch.testing.assert_close(net.seen[1], c_noise)

@@ -63,7 +63,9 @@ def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrup
     reached = read_checkpoint(latest_checkpoint(killed_dir / "checkpoints"))["global_step"]
     assert 4 <= reached < 12  # killed mid-run
 
-    resumed = subprocess.run(command(killed_dir, "resume=auto"), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        command(killed_dir, "resume=auto"), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing from" in resumed.stdout
     assert_same_training_state(
@@ -109,7 +111,8 @@ def test_a_nan_loss_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint
 
     monkeypatch.setattr(EDMTeacher, "loss", diverging)
     cfg = compose_cfg("train", [*RUN, f"paths.output_dir={tmp_path}"])
-    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5: training diverged.*last good checkpoint is .*step_0000004") as error:
+    diverged = r"loss is nan at step 5: training diverged.*last good checkpoint is .*step_0000004"
+    with pytest.raises(TrainingDiverged, match=diverged) as error:
         train(cfg)
     assert "\n" not in str(error.value)
     last = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
@@ -129,7 +132,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(compose_cfg, tmp
 
     monkeypatch.setattr(torch, "save", full_disk)
     cfg = compose_cfg("train", [*RUN, f"paths.output_dir={tmp_path}"])
-    with pytest.raises(CheckpointError, match=r"step_0000004.ckpt' \(No space left on device\); the previous checkpoint .*step_0000002.ckpt is intact") as error:
+    full = r"step_0000004.ckpt' \(No space left on device\); the previous checkpoint .*step_0000002.ckpt is intact"
+    with pytest.raises(CheckpointError, match=full) as error:
         train(cfg)
     assert "\n" not in str(error.value)
     monkeypatch.setattr(torch, "save", save)

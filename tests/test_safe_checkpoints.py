@@ -8,8 +8,9 @@ import pickle
 import pytest
 import torch
 
-from conftest import run_module
 from fewstep.checkpoints import AtomicCheckpointIO, CheckpointError, latest_checkpoint, load_method, read_checkpoint
+
+from conftest import run_module
 
 TINY_RUN = ["data=digits", "model=unet_tiny", "data.batch_size=8", "data.limit=64", "data.val_size=16"]
 
@@ -100,7 +101,7 @@ def test_every_entry_point_refuses_a_checkpoint_that_would_run_code(tmp_path):
         "teacher.ckpt": ("fewstep.train", *TINY_RUN, "trainer=debug", "method=gdd", f"teacher.ckpt={bad}",
                          f"hydra.run.dir={tmp_path}/g"),
     }
-    for name, (module, *args) in commands.items():
+    for module, *args in commands.values():
         assert_refused_in_one_line(run_module(module, *args, cwd=tmp_path), marker)
 
 

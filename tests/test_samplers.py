@@ -5,10 +5,26 @@ import math
 import pytest
 import torch
 
-from fewstep.errors import ConfigError
 from fewstep.data.gmm import GaussianMixture
-from fewstep.samplers import GRIDS, SOLVERS, BrownianPath, CountingDenoiser, SeededNoise, guided_denoiser, karras_sigmas, sample
-from fewstep.samplers.solvers import sample_dpmpp_2m, sample_euler, sample_heun, sample_seeds1, sample_seeds2, sample_seeds3
+from fewstep.errors import ConfigError
+from fewstep.samplers import (
+    GRIDS,
+    SOLVERS,
+    BrownianPath,
+    CountingDenoiser,
+    SeededNoise,
+    guided_denoiser,
+    karras_sigmas,
+    sample,
+)
+from fewstep.samplers.solvers import (
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_heun,
+    sample_seeds1,
+    sample_seeds2,
+    sample_seeds3,
+)
 
 SD = 0.5  # data std of the analytic Gaussian
 

@@ -17,7 +17,7 @@ from fewstep.samplers.grids import nested_sigmas
 from fewstep.samplers.solvers import sample_euler
 from fewstep.train import train
 
-from conftest import run_module, TINY
+from conftest import TINY, run_module
 
 UNET = {"_target_": "fewstep.networks.UNet", "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1}
 SHAPE = [1, 8, 8]

@@ -55,17 +55,20 @@ def main() -> None:
         start = time.perf_counter()
         domain = domain_features("FashionMNIST", train, labels, 10, cache).to(args.device)
         n = args.n_domain
-        rows.append(("fid_domain", n, scores(domain, train[:n], candidates(test[:n]), "domain", cache), time.perf_counter() - start, domain.accuracy))
+        values = scores(domain, train[:n], candidates(test[:n]), "domain", cache)
+        rows.append(("fid_domain", n, values, time.perf_counter() - start, domain.accuracy))
         if args.n_fid:
             start = time.perf_counter()
             n = args.n_fid
             inception = InceptionFeatures().to(args.device)
-            rows.append(("fid (standard)", n, scores(inception, train[:n], candidates(test[:n]), "fid", cache), time.perf_counter() - start, None))
+            values = scores(inception, train[:n], candidates(test[:n]), "fid", cache)
+            rows.append(("fid (standard)", n, values, time.perf_counter() - start, None))
     print("| metric | n per set | train vs test | train vs blurred test | train vs uniform noise | seconds |")
     print("|---|---|---|---|---|---|")
     for metric, n, values, seconds, accuracy in rows:
         label = metric + (f" (classifier held-out accuracy {accuracy:.3f})" if accuracy is not None else "")
-        print(f"| {label} | {n} | " + " | ".join(f"{values[k]:.3g}" for k in ("test", "blurred test", "uniform noise")) + f" | {seconds:.0f} |")
+        cells = " | ".join(f"{values[k]:.3g}" for k in ("test", "blurred test", "uniform noise"))
+        print(f"| {label} | {n} | {cells} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

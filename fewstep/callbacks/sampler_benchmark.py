@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from fewstep.errors import ConfigError
 from fewstep.generate import generate_across_ranks
 from fewstep.images import image_grid, run_log_dir
+from fewstep.metrics.curves import figure, setting, tables
 from fewstep.metrics.score import check_metric, feature_extractor, reference_key, score
-from fewstep.report import figure, setting, tables
 from fewstep.samplers import check_solver
 
 SAMPLER_CONF = Path(__file__).parent.parent / "conf" / "sampler"

@@ -10,8 +10,8 @@ inert ``PersistentRecord``s, and the network is rebuilt from fewstep's own class
 from __future__ import annotations
 
 import collections
-import io
 import inspect
+import io
 import pickle
 import warnings
 from dataclasses import dataclass, field

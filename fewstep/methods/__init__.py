@@ -1,4 +1,7 @@
-"""One LightningModule per method. METHODS maps each config name to its class and paper."""
+"""One LightningModule per method. METHODS maps each config name to its class and paper; it is also the list of
+classes a checkpoint may name (fewstep.checkpoints.method_class). DDIL (Garrepalli et al., DDIL: Diversity
+Enhancing Diffusion Distillation with Imitation Learning, arXiv 2410.11971) is not a method but a switch on any
+EDM-space student (ddil=default; fewstep.methods.student)."""
 
 from fewstep.methods.base import GenerativeMethod
 from fewstep.methods.consistency import Consistency
@@ -20,8 +23,6 @@ METHODS = {
     "progressive": (Progressive, "Salimans & Ho, Progressive Distillation for Fast Sampling of Diffusion Models, 2022"),
     "consistency": (Consistency, "Song et al., Consistency Models, 2023; Luo et al., Latent Consistency Models, arXiv 2310.04378"),
     "dmd2": (DMD2, "Yin et al., Improved Distribution Matching Distillation (DMD2), arXiv 2405.14867"),
-    # wraps progressive, consistency or dmd2 (ddil.base): their classes with a ``ddil`` block
-    "ddil": (None, "Garrepalli et al., DDIL: Diversity Enhancing Diffusion Distillation with Imitation Learning, arXiv 2410.11971"),
 }
 
 __all__ = [

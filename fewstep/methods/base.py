@@ -10,9 +10,9 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep.checkpoints import plain_tree

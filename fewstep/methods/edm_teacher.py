@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from fewstep.methods.base import DenoiserMethod
 from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from fewstep.methods.base import GenerativeMethod
 from fewstep.processes import flow
 

@@ -54,7 +54,8 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
       -- and ``val/d_real``, ``val/d_fake``, the current discriminator's mean logits.
 
     The teacher (any EDM-space denoiser of the same network: a fewstep run, an EDM pickle, a diffusers folder)
-    is attached with ``attach_teacher`` before fitting; it is not kept. The checkpoint holds the generator and the discriminator (its frozen backbone included), so
+    is attached with ``attach_teacher`` before fitting; it is not kept. The checkpoint holds the generator and the
+    discriminator (its frozen backbone included), so
     ``fewstep.checkpoints.load_method`` rebuilds the method without the teacher or any weights file.
     EMAWeightAveraging averages every parameter, the discriminator's too; sampling uses only ``net``.
     """

@@ -104,18 +104,6 @@ def shifted_edm_denoise(
     return c_skip.view(shape) * x + c_out.view(shape) * f.to(x.dtype)
 
 
-class EDMPrecond(nn.Module):
-    """Wraps a raw network ``net(x, c_noise, class_labels)`` into a denoiser ``D(x, sigma, class_labels)``."""
-
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
-        super().__init__()
-        self.net = net
-        self.sigma_data = sigma_data
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return edm_denoise(self.net, x, sigma, class_labels, self.sigma_data)
-
-
 def denoiser_features(net: nn.Module, x: torch.Tensor, sigma, class_labels, sigma_data: float) -> list[torch.Tensor]:
     """The encoder features of a denoiser network at noisy input x and level sigma, the bottleneck last.
 

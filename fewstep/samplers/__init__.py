@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -12,6 +11,7 @@ from fewstep.samplers.grids import GRIDS, karras_sigmas
 from fewstep.samplers.guidance import guided_denoiser, guided_velocity
 from fewstep.samplers.kac import KAC_SOLVERS, check_kac_solver, check_min_nfe, sample_kac
 from fewstep.samplers.noise import BrownianPath, SeededNoise
+from fewstep.samplers.solver import Solver
 from fewstep.samplers.solvers import (
     sample_consistency,
     sample_ddim,
@@ -26,15 +26,6 @@ from fewstep.samplers.solvers import (
     sample_seeds2,
     sample_seeds3,
 )
-
-
-@dataclass(frozen=True)
-class Solver:
-    fn: Callable
-    steps_for_nfe: Callable[[int], int]  # the most steps whose NFE fits the budget
-    stochastic: bool = False  # draws SDE noise (from ``generator``) along the way
-    min_nfe: int = 1
-
 
 SOLVERS: dict[str, Solver] = {
     "euler": Solver(sample_euler, lambda nfe: nfe),
@@ -119,4 +110,7 @@ def sample(
     return solver.fn(denoiser, x, sigmas.to(x.dtype), noise=generator, callback=callback, **solver_options)
 
 
-__all__ = ["GRIDS", "SOLVERS", "BrownianPath", "CountingDenoiser", "KAC_SOLVERS", "SeededNoise", "check_solver", "guided_denoiser", "guided_velocity", "karras_sigmas", "sample", "sample_kac"]
+__all__ = [
+    "GRIDS", "SOLVERS", "BrownianPath", "CountingDenoiser", "KAC_SOLVERS", "SeededNoise", "Solver", "check_solver",
+    "guided_denoiser", "guided_velocity", "karras_sigmas", "sample", "sample_kac",
+]

@@ -10,11 +10,11 @@ Duong et al. 2025 (Kac flows) and Han et al. 2025 (DistillKac).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from fewstep.errors import ConfigError
+from fewstep.samplers.solver import Solver
 
 
 def step_times(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -80,17 +80,10 @@ def sample_kac_ab2(velocity, x, ts, callback=None):
     return x
 
 
-@dataclass(frozen=True)
-class KacSolver:
-    fn: Callable
-    steps_for_nfe: Callable[[int], int]  # the most steps whose NFE fits the budget
-    min_nfe: int = 1
-
-
-KAC_SOLVERS: dict[str, KacSolver] = {
-    "kac_euler": KacSolver(sample_kac_euler, lambda nfe: nfe),
-    "kac_heun": KacSolver(sample_kac_heun, lambda nfe: (nfe + 1) // 2),
-    "kac_ab2": KacSolver(sample_kac_ab2, lambda nfe: nfe),
+KAC_SOLVERS: dict[str, Solver] = {
+    "kac_euler": Solver(sample_kac_euler, lambda nfe: nfe),
+    "kac_heun": Solver(sample_kac_heun, lambda nfe: (nfe + 1) // 2),
+    "kac_ab2": Solver(sample_kac_ab2, lambda nfe: nfe),
 }
 
 
@@ -99,7 +92,7 @@ def uniform_times(steps: int, T: float) -> torch.Tensor:
     return torch.linspace(T, 0.0, steps + 1, dtype=torch.float64)
 
 
-def check_kac_solver(sampler: str, nfe: int) -> KacSolver:
+def check_kac_solver(sampler: str, nfe: int) -> Solver:
     if sampler not in KAC_SOLVERS:
         raise ConfigError(
             f"sampler '{sampler}' cannot integrate a Kac flow: use one of {', '.join(sorted(KAC_SOLVERS))}"
@@ -108,7 +101,7 @@ def check_kac_solver(sampler: str, nfe: int) -> KacSolver:
 
 
 def check_min_nfe(sampler: str, solver, nfe: int):
-    """``solver`` (a Solver or KacSolver), or a one-line ConfigError if ``nfe`` is below its minimum."""
+    """``solver`` (a Solver), or a one-line ConfigError if ``nfe`` is below its minimum."""
     if nfe < solver.min_nfe:
         raise ConfigError(f"nfe={nfe} is below the minimum of sampler '{sampler}': use nfe>={solver.min_nfe}")
     return solver
