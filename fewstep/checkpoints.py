@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import re
@@ -64,8 +65,9 @@ def refused_global(path: Path, error: Exception) -> str:
 
 
 def method_class(checkpoint: dict) -> type:
-    """The method class a checkpoint names: one of METHODS, or a GenerativeMethod of a module the program has
-    already imported; anything else is refused (the name comes from the file, so nothing is imported for it)."""
+    """The method class a checkpoint names: one of METHODS, a GenerativeMethod in a module of fewstep.methods, or
+    one in a module the program has already imported; anything else is refused (the name comes from the file, so
+    nothing outside fewstep.methods is imported for it)."""
     from fewstep.methods import METHODS, GenerativeMethod
 
     name = str(checkpoint["fewstep"].get("method_class", ""))
@@ -74,6 +76,8 @@ def method_class(checkpoint: dict) -> type:
     cls = None
     if name in known:
         cls = known[name]
+    elif module.startswith("fewstep.methods.") and attribute.isidentifier():  # a method added beside fewstep's own
+        cls = getattr(importlib.import_module(module), attribute, None)
     elif module in sys.modules:  # a method of the user's own, already imported: a file never makes us import one
         cls = getattr(sys.modules[module], attribute, None)
     if not (isinstance(cls, type) and issubclass(cls, GenerativeMethod)):
