@@ -119,9 +119,12 @@ def test_atoms_at_the_cone_have_mass_exp_minus_at_over_two(t):
         atoms = at_cone & (torch.sign(k) == side)
         assert abs(float(atoms.double().mean()) - m) < 5 * se
         assert bool((v[atoms] == side * p.c).all())
-    # and no continuous draw sits within 1e-5 c t of the cone (the continuous mass there is ~1e-5 * 1e-2)
+    # and continuous draws within 1e-5 c t of the cone are as rare as the law says (a float32 rounding of the
+    # cone into an atom, or of an atom off the cone, would pile draws up there): a Poisson count of mean lam
+    edge = torch.tensor(ct * (1 - 1e-5), dtype=torch.float64)
+    lam = n * 2 * float(1 - m - p.cdf(edge, t))  # both sides: the continuous mass in [c t (1 - 1e-5), c t)
     near = (k.abs() > ct * (1 - 1e-5)) & ~at_cone
-    assert int(near.sum()) <= 2
+    assert int(near.sum()) <= lam + 5 * math.sqrt(lam) + 3
 
 
 def test_cone_holds_for_long_times():
