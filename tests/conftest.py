@@ -43,3 +43,17 @@ def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(run root, last.ckpt) of a 2-step unet_tiny EDM teacher on digits, trained once per test session as a user
+    would (its run directory, .hydra/config.yaml included, lies under root/outputs)."""
+    root = tmp_path_factory.mktemp("tiny_teacher")
+    result = run_module(
+        "fewstep.train", "data=digits", "model=unet_tiny", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (last,) = root.glob("outputs/edm_teacher/digits/*/checkpoints/last.ckpt")
+    return root, last

@@ -23,18 +23,6 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))  # domain classifiers and real statistics
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    result = run_module(
-        "fewstep.train", "data=digits", "model=unet_tiny", "trainer.max_steps=2", "trainer.limit_val_batches=0",
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    (last,) = root.glob("outputs/edm_teacher/digits/*/checkpoints/last.ckpt")
-    return root, last
-
-
 def test_multirun_evaluate_then_report(tiny_checkpoint, tmp_path):
     root, ckpt = tiny_checkpoint
     result = run_module(

@@ -116,18 +116,6 @@ def test_slurm_launcher_composes(entry):
     assert local.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    made = run_module(
-        "fewstep.train", "data=digits", "model=unet_tiny", "trainer.max_steps=2", "trainer.limit_val_batches=0",
-        "logger=csv", f"paths.root={root}", cwd=root,
-    )
-    assert made.returncode == 0, made.stderr[-2000:]
-    (ckpt,) = root.glob("edm_teacher/digits/*/checkpoints/last.ckpt")
-    return ckpt
-
-
 def nfe_sweep(tmp_path, ckpt, launcher: str):
     """The README's job-array NFE sweep (smaller): one result.json per job."""
     result = run_module(
@@ -144,7 +132,7 @@ def nfe_sweep(tmp_path, ckpt, launcher: str):
 
 
 def test_nfe_sweep_through_the_submitit_local_executor(tiny_checkpoint, tmp_path):
-    sweep = nfe_sweep(tmp_path, tiny_checkpoint, "local")
+    sweep = nfe_sweep(tmp_path, tiny_checkpoint[1], "local")
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # each job ran in its own submitit process
 
 
@@ -188,7 +176,7 @@ def test_nfe_sweep_as_a_slurm_job_array(tiny_checkpoint, tmp_path, monkeypatch):
         (bin_dir / name).write_text(text.format(python=sys.executable))
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    sweep = nfe_sweep(tmp_path, tiny_checkpoint, "slurm")
+    sweep = nfe_sweep(tmp_path, tiny_checkpoint[1], "slurm")
     (script,) = sweep.glob(".submitit/*/*_submission.sh")
     directives = {line.split()[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")}
     assert {"--array=0-1%2", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=32GB",

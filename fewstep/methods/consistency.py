@@ -8,7 +8,7 @@ import torch
 
 from fewstep.errors import ConfigError
 from fewstep.methods.student import DistilledStudent, ddim_step
-from fewstep.networks.lpips_loss import check_options, frozen_lpips
+from fewstep.networks.lpips_loss import check_options
 from fewstep.networks.preconditioning import shifted_edm_denoise
 from fewstep.samplers import CountingDenoiser, sample
 
@@ -83,15 +83,6 @@ class Consistency(DistilledStudent):
 
     def teacher_attached(self, teacher) -> None:
         self.target_net.load_state_dict(self.net.state_dict())
-
-    def perceptual(self):
-        """loss=lpips: the frozen LPIPS network, built on first use, outside the state_dict and EMA; else None."""
-        hp = self.hparams
-        return frozen_lpips(self, hp.lpips_net, hp.lpips_backbone, hp.lpips_resize) if hp.loss == "lpips" else None
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
 
     # -- grids ------------------------------------------------------------------------------------------------
     @property

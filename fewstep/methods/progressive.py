@@ -7,7 +7,7 @@ import torch
 from fewstep.errors import ConfigError
 from fewstep.methods.student import DistilledStudent, ddim_step
 from fewstep.methods.teacher import Staged
-from fewstep.networks.lpips_loss import check_options, frozen_lpips
+from fewstep.networks.lpips_loss import check_options
 
 ROUND_KEYS = ("start_steps", "end_steps", "steps_per_round", "ema_decay")  # the pipeline's, not a round's
 LOSSES = ("l2", "lpips")
@@ -50,15 +50,6 @@ class Progressive(Staged, DistilledStudent):
             raise ConfigError(f"unknown progressive loss '{loss}': choose one of {', '.join(LOSSES)}")
         if loss == "lpips":
             check_options(lpips_net, lpips_resize, self.hparams.data_shape)
-
-    def perceptual(self):
-        """loss=lpips: the frozen LPIPS network, built on first use, outside the state_dict and EMA; else None."""
-        hp = self.hparams
-        return frozen_lpips(self, hp.lpips_net, hp.lpips_backbone, hp.lpips_resize) if hp.loss == "lpips" else None
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
 
     @property
     def teacher_steps(self) -> int:

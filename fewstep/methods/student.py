@@ -23,6 +23,7 @@ from fewstep.errors import ConfigError
 from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.noise import BatchNoise
 from fewstep.methods.teacher import TaughtMethod
+from fewstep.networks.lpips_loss import frozen_lpips
 from fewstep.samplers import SOLVERS, guided_denoiser
 from fewstep.samplers.grids import nested_sigmas
 
@@ -85,6 +86,7 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
 
     def on_fit_start(self) -> None:
         self.require_teacher()
+        self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
         if self.hparams.ddil is not None and not isinstance(getattr(self.trainer, "datamodule", None), RolloutStates):
             raise ConfigError("a DDIL student needs its rollout buffers: fit it with datamodule=fewstep.data.rollout.RolloutStates(data)")
 
@@ -98,6 +100,14 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
         else:
             denoised = guided_denoiser(self.teacher.denoiser, w, class_labels, self.null_label)(x, sigma)
         return reflect(denoised) if self.reflecting else denoised
+
+    def perceptual(self):
+        """``loss=lpips`` (consistency, progressive): the frozen LPIPS network, built on first use, outside the
+        state_dict and EMA; else None."""
+        hp = self.hparams
+        if hp.get("loss") != "lpips":
+            return None
+        return frozen_lpips(self, hp.lpips_net, hp.lpips_backbone, hp.lpips_resize)
 
     # -- grids ------------------------------------------------------------------------------------------------
     def grid(self, steps: int) -> torch.Tensor:
