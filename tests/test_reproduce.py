@@ -1,0 +1,93 @@
+"""The reproduction protocol's statistics (tools/reproduce.py): seeds, sampling spread and verdicts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
+spec = importlib.util.spec_from_file_location("reproduce", TOOL)
+reproduce = importlib.util.module_from_spec(spec)
+sys.modules["reproduce"] = reproduce
+spec.loader.exec_module(reproduce)
+
+
+def rows(*pairs):
+    return [{"value": min(p), "values": list(p), "recall": 0.5 + i / 10} for i, p in enumerate(pairs)]
+
+
+def test_stat_averages_each_seeds_two_sets_then_over_seeds():
+    s = reproduce.stat(rows((10, 12), (14, 14), (9, 11)))
+    assert s.per_seed == [11, 14, 10]
+    assert s.mean == pytest.approx(35 / 3)
+    assert s.std == pytest.approx(statistics.stdev([11, 14, 10]))
+    # one set's std from the pairs: E (v1 - v2)^2 / 2 over seeds
+    assert s.spread == pytest.approx(math.sqrt((4 / 2 + 0 + 4 / 2) / 3))
+
+
+def test_stat_of_another_key_takes_the_rows_own_value():
+    s = reproduce.stat(rows((10, 12), (14, 14)), "recall")
+    assert s.per_seed == [0.5, 0.6]
+    assert math.isnan(s.spread)
+
+
+def stat(*values):
+    return reproduce.Stat(list(values), float("nan"))
+
+
+def test_verdict_separates_real_differences_from_seed_noise():
+    assert reproduce.verdict(stat(10, 10.2, 9.8), stat(20, 20.3, 19.7)) == "met"
+    assert reproduce.verdict(stat(20, 20.3, 19.7), stat(10, 10.2, 9.8)) == "missed"
+    assert reproduce.verdict(stat(10, 14, 6), stat(11, 15, 7)) == "within noise"  # a 1-point gap inside 4-point seeds
+
+
+def test_verdict_applies_the_claims_factor_and_direction():
+    teacher = stat(10, 10.1, 9.9)
+    assert reproduce.verdict(stat(11, 11.1, 10.9), teacher, 1.15) == "met"  # 1.10x within "15% of the teacher"
+    assert reproduce.verdict(stat(13, 13.1, 12.9), teacher, 1.15) == "missed"  # 1.30x
+    assert reproduce.verdict(stat(0.9, 0.91, 0.89), stat(0.8, 0.81, 0.79), lower_is_better=False) == "met"  # recall
+
+
+def test_rows_are_saved_after_each_evaluation_and_reused(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(ckpt, sampler, nfe, n, out):
+        calls.append((sampler, nfe))
+        return {"value": 1.0 * nfe, "values": [1.0 * nfe, 1.0 * nfe + 1]}
+
+    monkeypatch.setattr(reproduce, "evaluate_row", fake)
+    table = reproduce.Rows(tmp_path / "t.json")
+    table.get("teacher", 0, Path("a.ckpt"), "heun", 4, 10)
+    table.get("teacher", 0, Path("a.ckpt"), "heun", 4, 10)  # cached
+    again = reproduce.Rows(tmp_path / "t.json")  # a resumed table reads what was saved
+    again.get("teacher", 0, Path("a.ckpt"), "heun", 4, 10)
+    again.get("teacher", 1, Path("b.ckpt"), "heun", 4, 10)
+    assert calls == [("heun", 4), ("heun", 4)]
+    assert [r["train_seed"] for r in json.loads((tmp_path / "t.json").read_text())] == [0, 1]
+    assert len(again.select("teacher", "heun", 4)) == 2 and not again.select("teacher", "euler")
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path, monkeypatch):
+    run = reproduce.Run("edm_teacher", lambda seed: ["method=edm_teacher"], tmp_path)
+    run.dir(3).mkdir(parents=True)
+    (run.dir(3) / "DONE").write_text("12 s\n")
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda *a, **k: pytest.fail("retrained a finished run"))
+    assert run.train(3) == run.dir(3) and run.seconds(3) == 12
+
+
+@pytest.mark.slow
+def test_the_teacher_table_runs_end_to_end(tmp_path):
+    reproduce.main(["teacher", "--quick", "--seeds", "0", "1", "--nfe", "1", "2", "--samplers", "euler", "lazy_ode",
+                    "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "teacher.json").read_text())
+    assert {(r["train_seed"], r["sampler_name"], r["nfe_budget"]) for r in saved} == {
+        (s, m, n) for s in (0, 1) for m in ("euler", "lazy_ode") for n in (1, 2)}
+    assert all(len(r["values"]) == 2 for r in saved)  # two disjoint sample sets per row
+    text = (tmp_path / "teacher.md").read_text()
+    assert "| euler |" in text and "±" in text and "lazy conversion" in text

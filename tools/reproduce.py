@@ -1,0 +1,445 @@
+"""The seed papers' claims, settled over training seeds at a scale this CPU trains (docs/reproduction.md).
+
+    python tools/reproduce.py TABLE [--seeds 0 1 2] [--n 1000] [--out docs/reproduction] [--set KEY=VALUE ...]
+
+TABLE is one of ``teacher`` (the EDM teacher's samplers and the k-diffusion SDE peers: SEEDS, lazy schedules),
+``kac`` (DistillKac), ``gdd`` (GDD and GDD-I) and ``students`` (progressive, consistency and DMD2, each with and
+without DDIL); ``gdd`` and ``students`` distil the ``teacher`` table's teachers, ``kac`` trains its own.
+
+Every training run is ``python -m fewstep.train experiment=repro seed=S data.seed=S ...`` (conf/experiment/repro.yaml:
+MNIST-5k at 16 x 16, unet_small) in ``OUT/runs/<run>/seed<S>``; a finished run (its ``DONE`` file) is reused and an
+interrupted one resumes, so a table can be stopped and started again. Every row is ``fewstep.evaluate`` with
+metric=fid_domain and repeats=2: two disjoint sample sets of n images, so each row carries the metric's own
+sampling spread beside the spread over training seeds. Writes ``OUT/<table>.json`` (every row of every seed),
+``OUT/<table>.md`` (mean +- std over seeds, and the verdict of each claim) and ``OUT/<table>.png``.
+``--set`` adds overrides to every training command (e.g. ``--set trainer.max_steps=2000``), ``--quick`` is a
+smoke run (tiny network, a few steps, n = 16) for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TABLES = ("teacher", "kac", "gdd", "students")
+ODE = ("euler", "heun", "dpmpp_2m")
+LAZY = ("lazy_ode", "lazy_2m")
+SDE = ("seeds3", "seeds2", "euler_maruyama", "edm_sde")
+PEERS = {  # k-diffusion's SDE solvers, each with its Brownian tree (one per image), and their NFE per step
+    "kd_dpmpp_sde": ("sample_dpmpp_sde", 2),
+    "kd_dpmpp_2m_sde": ("sample_dpmpp_2m_sde", 1),
+    "kd_dpmpp_3m_sde": ("sample_dpmpp_3m_sde", 1),
+}
+BUDGETS = {  # training at the protocol's scale (batch 32); a student's teacher is the same seed's teacher run
+    "edm_teacher": ["trainer.max_steps=4000"],
+    "kac_teacher": ["trainer.max_steps=4000"],
+    "gdd": ["trainer.max_steps=4000"],  # 128k images: twice the 64k at which unfrozen GDD collapsed (docs/benchmarks.md)
+    "progressive": ["method.steps_per_round=300"],
+    "consistency": ["trainer.max_steps=1200", "callbacks.ema.decay=0.99"],
+    "dmd2": ["trainer.max_steps=400", "callbacks.ema.decay=0.99"],
+    "kac_endpoint": [],  # --kac-steps-per-stage
+}
+QUICK_BUDGETS = {"progressive": ["method.steps_per_round=2"]}
+QUICK = [  # a smoke run: seconds per training run
+    "model=unet_tiny", "data.resolution=8", "data.limit=256", "data.val_size=64", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1", "callbacks.sample_grid.n=4", "callbacks.sample_grid.nfe=2", "logger=csv",
+]
+
+
+# -- statistics ---------------------------------------------------------------------------------------------------
+@dataclass
+class Stat:
+    """A row over training seeds: each seed's value is the mean of its two sample sets."""
+
+    per_seed: list[float]
+    spread: float  # the metric's own sampling std (one sample set), from the two disjoint sets of each seed
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.per_seed)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.per_seed) if len(self.per_seed) > 1 else float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3g} ± {self.std:.2g}"
+
+
+def stat(rows: list[dict], key: str = "value") -> Stat:
+    """Mean over training seeds of each seed's mean over sample sets; the sampling spread from the set pairs."""
+    per_seed, diffs = [], []
+    for row in rows:
+        values = row["values"] if key == "value" and "values" in row else [row[key]]
+        per_seed.append(statistics.fmean(values))
+        if len(values) == 2:
+            diffs.append((values[0] - values[1]) ** 2 / 2)  # E (v1 - v2)^2 / 2 = var of one set's value
+    return Stat(per_seed, math.sqrt(statistics.fmean(diffs)) if diffs else float("nan"))
+
+
+def verdict(ours: Stat, theirs: Stat, factor: float = 1.0, lower_is_better: bool = True) -> str:
+    """Is ``ours <= factor * theirs`` (or >= for a higher-is-better metric)? "met", "missed" or "within noise".
+
+    Noise: twice the standard error of the difference of the means over training seeds (each seed's value already
+    carries the sampling spread); a difference inside it is not evidence either way.
+    """
+    sign = 1 if lower_is_better else -1
+    diff = sign * (ours.mean - factor * theirs.mean)
+    variance = ours.std**2 / len(ours.per_seed) + (factor * theirs.std) ** 2 / len(theirs.per_seed)
+    noise = 2 * math.sqrt(variance) if math.isfinite(variance) else 0.0
+    if diff <= -noise:
+        return "met"
+    return "within noise" if diff <= noise else "missed"
+
+
+# -- training runs ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run per seed: ``python -m fewstep.train experiment=repro <overrides(seed)>``."""
+
+    name: str
+    overrides: Callable[[int], list[str]]
+    out: Path
+    extra: list[str] = field(default_factory=list)
+
+    def dir(self, seed: int) -> Path:
+        return self.out / "runs" / self.name / f"seed{seed}"
+
+    def ckpt(self, seed: int, stage: str | None = None) -> Path:
+        run = self.dir(seed)
+        if stage is not None:
+            (run,) = run.glob(f"stage*_{stage}steps")
+        return run / "checkpoints" / "last.ckpt"
+
+    def train(self, seed: int) -> Path:
+        run = self.dir(seed)
+        if (run / "DONE").is_file():
+            return run
+        resume = ["resume=auto"] if run.is_dir() else []
+        command = [
+            sys.executable, "-m", "fewstep.train", "experiment=repro", f"seed={seed}", f"data.seed={seed}",
+            f"hydra.run.dir={run}", *self.overrides(seed), *self.extra, *resume,
+        ]
+        run.mkdir(parents=True, exist_ok=True)
+        print(f"[train] {self.name} seed {seed}: {' '.join(command[2:])}", flush=True)
+        start = time.perf_counter()
+        with open(run / "train.log", "a") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise SystemExit(f"training {self.name} seed {seed} failed: see {run / 'train.log'}")
+        (run / "DONE").write_text(f"{time.perf_counter() - start:.0f} s\n")
+        return run
+
+    def seconds(self, seed: int) -> float:
+        return float((self.dir(seed) / "DONE").read_text().split()[0])
+
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+def register_peers() -> list[str]:
+    """k-diffusion's SDE solvers as fewstep solvers of this process (when k-diffusion is installed)."""
+    try:
+        from k_diffusion import sampling
+    except ImportError:
+        print("[peers] k-diffusion is not installed: the peer rows are skipped "
+              "(pip install --no-deps k-diffusion==0.1.1.post1 dctorch==0.1.2 torchsde trampoline)")
+        return []
+    from fewstep.samplers import SOLVERS, Solver
+
+    def solver(function: str):
+        def solve(denoiser, x, sigmas, noise=None, callback=None):
+            seeds = [int(s) for s in noise.seeds] if noise is not None else None
+            tree = sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
+            return getattr(sampling, function)(denoiser, x, sigmas, disable=True, noise_sampler=tree)
+
+        return solve
+
+    for name, (function, per_step) in PEERS.items():
+        SOLVERS[name] = Solver(solver(function), lambda nfe, k=per_step: (nfe - 1) // k + 1, stochastic=True)
+    return list(PEERS)
+
+
+def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fewstep.cli import CONF_DIR
+    from fewstep.evaluate import evaluate
+
+    GlobalHydra.instance().clear()
+    group = sampler if (CONF_DIR / "sampler" / f"{sampler}.yaml").is_file() else "euler"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"ckpt={ckpt}", f"sampler={group}", f"sampler.name={sampler}", f"nfe={nfe}", f"n={n}",
+            "metric=fid_domain", "repeats=2", f"paths.output_dir={out}",
+        ])
+    return evaluate(cfg)
+
+
+class Rows:
+    """Every evaluated row of a table, saved after each one so that an interrupted table resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+
+    def get(self, label: str, seed: int, ckpt: Path, sampler: str, nfe: int, n: int) -> dict:
+        key = {"label": label, "train_seed": seed, "sampler_name": sampler, "nfe_budget": nfe, "n": n}
+        for row in self.rows:
+            if all(row.get(k) == v for k, v in key.items()):
+                return row
+        row = {**evaluate_row(ckpt, sampler, nfe, n, self.path.parent / "eval" / self.path.stem / f"{len(self.rows)}"),
+               **key}
+        self.rows.append(row)
+        self.path.write_text(json.dumps(self.rows, indent=1))
+        return row
+
+    def select(self, label: str, sampler: str | None = None, nfe: int | None = None) -> list[dict]:
+        return [r for r in self.rows if r["label"] == label and sampler in (None, r["sampler_name"])
+                and nfe in (None, r["nfe_budget"])]
+
+
+# -- tables -------------------------------------------------------------------------------------------------------
+def valid(sampler: str, nfe: int) -> bool:
+    from fewstep.errors import ConfigError
+    from fewstep.samplers import check_solver
+
+    try:
+        check_solver(sampler, nfe)
+    except ConfigError:
+        return False
+    return not (sampler.startswith("kd_dpmpp_") and sampler != "kd_dpmpp_sde" and nfe < 2)  # k-diffusion 0.1.1 crashes
+
+
+def method(name: str, quick: bool) -> list[str]:
+    """``method=name`` and its training budget."""
+    return [f"method={name}", *(QUICK_BUDGETS.get(name, []) if quick else BUDGETS[name])]
+
+
+def teacher_runs(args) -> Run:
+    return Run("edm_teacher", lambda seed: method("edm_teacher", args.quick), args.out, args.extra)
+
+
+def table_teacher(args, rows: Rows) -> list[str]:
+    from fewstep.samplers import SOLVERS
+
+    teacher = teacher_runs(args)
+    samplers = [s for s in (*ODE, *LAZY, *SDE) if s in SOLVERS] + register_peers()
+    samplers = [s for s in samplers if not args.samplers or s in args.samplers]
+    for seed in args.seeds:
+        teacher.train(seed)
+        for sampler in samplers:
+            for nfe in args.nfe:
+                if valid(sampler, nfe):
+                    rows.get("teacher", seed, teacher.ckpt(seed), sampler, nfe, args.n)
+    curves = {s: {nfe: stat(rows.select("teacher", s, nfe)) for nfe in args.nfe if rows.select("teacher", s, nfe)}
+              for s in samplers}
+    lines = [*fid_nfe_table(curves, args.nfe), ""]
+    figure(curves, args.out / "teacher.png", "EDM teacher: fid_domain against NFE (mean ± std over training seeds)")
+    lines += ["| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    peers = {s: c for s, c in curves.items() if s in PEERS and c}
+    if "seeds3" in curves and peers:
+        peer, peer_nfe = min(((s, nfe) for s, c in peers.items() for nfe in c), key=lambda k: peers[k[0]][k[1]].mean)
+        target = peers[peer][peer_nfe]
+        reached = [(nfe, ours) for nfe, ours in sorted(curves["seeds3"].items()) if verdict(ours, target) != "missed"]
+        best = reached[0] if reached else None
+        ours_text = (f"best peer {peer} {target} at {peer_nfe} NFE; SEEDS-3 reaches it at {best[0]} NFE ({best[1]})"
+                     if best else f"best peer {peer} {target} at {peer_nfe} NFE; SEEDS-3 never within noise of it")
+        met = best is not None and best[0] * 3 <= peer_nfe
+        lines.append(f"| SEEDS-3 reaches the best SDE solver's FID at a third of the NFE | 3-5x fewer NFE | {ours_text} | "
+                     f"{'met' if met else 'missed'} |")
+    for nfe in (1, 2, 4):
+        lazy = {s: curves[s][nfe] for s in LAZY if nfe in curves.get(s, {})}
+        ode = {s: curves[s][nfe] for s in ODE if nfe in curves.get(s, {})}
+        if lazy and ode:
+            (ls, lv), (os_, ov) = min(lazy.items(), key=lambda kv: kv[1].mean), min(ode.items(), key=lambda kv: kv[1].mean)
+            lines.append(f"| the lazy conversion beats the schedule's best ODE solver at {nfe} NFE | better | "
+                         f"{ls} {lv} vs {os_} {ov} | {verdict(lv, ov)} |")
+    return lines
+
+
+def table_kac(args, rows: Rows) -> list[str]:
+    teacher = Run("kac_teacher", lambda seed: method("kac_teacher", args.quick), args.out, args.extra)
+    # one jump with the staged pipeline's teacher evaluations: steps x sum of (teacher steps / student steps)
+    stages, per_stage = args.kac_stages, args.kac_steps_per_stage
+    calls = per_stage * sum(a // b for a, b in zip(stages, stages[1:]))
+    jump_steps = max(1, round(calls / stages[0]))
+    direct = Run("kac_one_jump", lambda seed: [
+        *method("kac_endpoint", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.stages=[{stages[0]},1]",
+        f"method.steps_per_stage={jump_steps}", "method.ema_decay=0.9",
+    ], args.out, args.extra)
+    staged = Run("kac_endpoint", lambda seed: [
+        *method("kac_endpoint", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.stages=[{','.join(map(str, stages))}]",
+        f"method.steps_per_stage={per_stage}",
+    ], args.out, args.extra)
+    for seed in args.seeds:
+        for run in (teacher, staged, direct):
+            run.train(seed)
+        for sampler in ("kac_euler", "kac_ab2"):
+            rows.get("teacher", seed, teacher.ckpt(seed), sampler, stages[0], args.n)
+        for steps in stages[1:]:
+            rows.get("staged", seed, staged.ckpt(seed, str(steps)), "kac_euler", steps, args.n)
+        rows.get("one jump", seed, direct.ckpt(seed, "1"), "kac_euler", 1, args.n)
+    best = min((stat(rows.select("teacher", s)) for s in ("kac_euler", "kac_ab2")), key=lambda s: s.mean)
+    lines = ["| model | NFE | fid_domain | sampling spread | / best teacher |", "|---|---|---|---|---|"]
+    for label, sampler, nfe in [("teacher", "kac_euler", stages[0]), ("teacher", "kac_ab2", stages[0])] + [
+            ("staged", "kac_euler", s) for s in stages[1:]] + [("one jump", "kac_euler", 1)]:
+        s = stat(rows.select(label, sampler, nfe))
+        lines.append(f"| {label} ({sampler}) | {nfe} | {s} | {s.spread:.2g} | {s.mean / best.mean:.2f} |")
+    four, one = stat(rows.select("staged", nfe=4)), stat(rows.select("staged", nfe=1))
+    jump = stat(rows.select("one jump"))
+    lines += [
+        "", "| claim | paper | ours | verdict |", "|---|---|---|---|",
+        f"| 4-step student within 15% of the teacher | 1.16x | {four.mean / best.mean:.2f}x | {verdict(four, best, 1.15)} |",
+        f"| 1-step student within 2x of the teacher | 1.58x | {one.mean / best.mean:.2f}x | {verdict(one, best, 2.0)} |",
+        f"| staged better than one jump at equal teacher evaluations ({jump_steps} steps) | better | {one} vs {jump} | "
+        f"{verdict(one, jump)} |",
+    ]
+    return lines
+
+
+def table_gdd(args, rows: Rows) -> list[str]:
+    teacher = teacher_runs(args)
+    levels = {"GDD": 0, "GDD-I": 1}
+    runs = {label: Run(f"gdd_level{level}", lambda seed, level=level: [
+        *method("gdd", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.freeze.level={level}"], args.out, args.extra)
+        for label, level in levels.items()}
+    for seed in args.seeds:
+        teacher.train(seed)
+        for label, run in runs.items():
+            run.train(seed)
+            rows.get(label, seed, run.ckpt(seed), "euler", 1, args.n)
+    teacher_rows = Rows(args.out / "teacher.json")
+    options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher_rows.select("teacher") if r["nfe_budget"] <= 35}
+    if not options:
+        raise SystemExit(f"no teacher rows in {teacher_rows.path}: run `python tools/reproduce.py teacher` first")
+    best_key = min(options, key=lambda k: stat(teacher_rows.select("teacher", *k)).mean)
+    best = stat(teacher_rows.select("teacher", *best_key))
+    gdd, gddi = stat(rows.select("GDD")), stat(rows.select("GDD-I"))
+    return [
+        "| model | NFE | fid_domain | sampling spread |", "|---|---|---|---|",
+        f"| teacher, best sampler ({best_key[0]}, {best_key[1]} NFE) | {best_key[1]} | {best} | {best.spread:.2g} |",
+        f"| GDD | 1 | {gdd} | {gdd.spread:.2g} |", f"| GDD-I (level 1) | 1 | {gddi} | {gddi.spread:.2g} |",
+        "", "| claim | paper | ours | verdict |", "|---|---|---|---|",
+        f"| GDD at one step at or below the teacher's best | 1.54 vs 1.79 (CIFAR-10) | {gdd} vs {best} | {verdict(gdd, best)} |",
+        f"| GDD-I: freezing does not cost FID | frozen is best | {gddi} vs {gdd} | {verdict(gddi, gdd)} |",
+    ]
+
+
+def table_students(args, rows: Rows) -> list[str]:
+    teacher = teacher_runs(args)
+    bases = {"progressive": method("progressive", args.quick), "consistency": method("consistency", args.quick),
+             **{f"dmd2_{k}": [*method("dmd2", args.quick), f"method.student_steps={k}"] for k in (1, 2)}}
+    runs = {}
+    for base, options in bases.items():
+        for ddil in ("none", "default"):
+            name = base if ddil == "none" else f"ddil_{base}"
+            runs[name] = Run(name, lambda seed, o=options, d=ddil: [*o, f"ddil={d}", f"teacher.ckpt={teacher.ckpt(seed)}"],
+                             args.out, args.extra)
+    jobs = []  # (label, run, stage, sampler, steps)
+    for name, run in runs.items():
+        if "progressive" in name:
+            jobs += [(name, run, str(k), "euler", k) for k in (1, 2)]
+        elif "consistency" in name:
+            jobs += [(name, run, None, "consistency", k) for k in (1, 2)]
+        else:
+            k = int(name[-1])
+            jobs.append((name.rsplit("_", 1)[0], run, None, "consistency", k))
+    for seed in args.seeds:
+        teacher.train(seed)
+        for label, run, stage, sampler, steps in jobs:
+            run.train(seed)
+            rows.get(label, seed, run.ckpt(seed, stage), sampler, steps, args.n)
+    lines = ["| student | steps | fid_domain | recall | with DDIL: fid_domain | recall | verdict (FID or recall) |",
+             "|---|---|---|---|---|---|---|"]
+    for base in ("progressive", "consistency", "dmd2"):
+        for k in (1, 2):
+            plain, ddil = rows.select(base, nfe=k), rows.select(f"ddil_{base}", nfe=k)
+            if not plain or not ddil:
+                continue
+            fid, recall = verdict(stat(ddil), stat(plain)), verdict(stat(ddil, "recall"), stat(plain, "recall"),
+                                                                       lower_is_better=False)
+            overall = "met" if "met" in (fid, recall) else ("missed" if (fid, recall) == ("missed", "missed") else
+                                                            "within noise")
+            lines.append(f"| {base} | {k} | {stat(plain)} | {stat(plain, 'recall')} | {stat(ddil)} | "
+                         f"{stat(ddil, 'recall')} | {overall} (FID {fid}, recall {recall}) |")
+    return lines
+
+
+# -- output -------------------------------------------------------------------------------------------------------
+def fid_nfe_table(curves: dict[str, dict[int, Stat]], nfes: list[int]) -> list[str]:
+    lines = ["| sampler | " + " | ".join(f"{n} NFE" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for sampler, curve in curves.items():
+        if curve:
+            lines.append(f"| {sampler} | " + " | ".join(str(curve[n]) if n in curve else "" for n in nfes) + " |")
+    spreads = [s.spread for c in curves.values() for s in c.values() if math.isfinite(s.spread)]
+    if spreads:
+        lines.append(f"\nfid_domain, mean ± std over training seeds; the metric's own sampling spread (one set of n "
+                     f"images) is {min(spreads):.2g}-{max(spreads):.2g}.")
+    return lines
+
+
+def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (sampler, curve) in enumerate(curves.items()):
+        if curve:
+            nfes = sorted(curve)
+            ax.errorbar(nfes, [curve[n].mean for n in nfes], yerr=[curve[n].std if len(curve[n].per_seed) > 1 else 0
+                        for n in nfes], marker="o", capsize=3, label=sampler, color=f"C{i % 10}",
+                        ls="--" if sampler in PEERS else "-")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="fid_domain", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("table", choices=[*TABLES, "all"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--n", type=int, default=1000, help="images per sample set (two disjoint sets per row)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 35])
+    parser.add_argument("--samplers", nargs="+", default=None, help="teacher table: only these samplers")
+    parser.add_argument("--kac-stages", type=int, nargs="+", default=[100, 20, 4, 2, 1])
+    parser.add_argument("--kac-steps-per-stage", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=Path("docs/reproduction"))
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="an override for every training run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny network, two steps, n = 16")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.extra = QUICK + args.extra
+        args.n, args.kac_stages, args.kac_steps_per_stage = 16, [4, 2, 1], 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for table in TABLES if args.table == "all" else [args.table]:
+        start = time.perf_counter()
+        rows = Rows(args.out / f"{table}.json")
+        lines = globals()[f"table_{table}"](args, rows)
+        minutes = (time.perf_counter() - start) / 60
+        header = [f"<!-- python tools/reproduce.py {table} --seeds {' '.join(map(str, args.seeds))} --n {args.n}"
+                  f"{''.join(f' --set {e}' for e in args.extra)}: {minutes:.1f} min this call -->", ""]
+        text = "\n".join(header + lines) + "\n"
+        (args.out / f"{table}.md").write_text(text)
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
