@@ -20,6 +20,7 @@ from fewstep.samplers.solvers import (
     sample_euler,
     sample_euler_maruyama,
     sample_heun,
+    sample_lazy_2m,
     sample_lazy_ode,
     sample_lazy_sde,
     sample_seeds1,
@@ -42,6 +43,7 @@ SOLVERS: dict[str, Solver] = {
     # multistep consistency sampling: x0 = f(x, sigma_i), renoised to sigma_{i+1} (consistency models, DMD2)
     "consistency": Solver(sample_consistency, lambda nfe: nfe, stochastic=True),
     "lazy_ode": Solver(sample_lazy_ode, lambda nfe: nfe),
+    "lazy_2m": Solver(sample_lazy_2m, lambda nfe: nfe),  # Adams-Bashforth 2 in the lazy schedule's time
     "lazy_sde": Solver(sample_lazy_sde, lambda nfe: nfe, stochastic=True),
 }
 
