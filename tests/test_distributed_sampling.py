@@ -82,6 +82,68 @@ def test_generate_across_ranks_in_one_process_is_generate(conditional_method):
 
 # -- two gloo processes against one --------------------------------------------------------------------------
 
+# Each rank builds the same fixed-weight teacher and draws its shard with a stochastic sampler (per-image SDE noise
+# from the counter-based SeededNoise); rank 0 also draws all of them as one process. 8 samples, 4 a batch: the
+# ranks' batches are the one process's, so the network's arithmetic is the same and the samples must be equal.
+RANK_SCRIPT = """
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from fewstep.generate import generate_across_ranks
+from fewstep.methods import EDMTeacher
+
+rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+torch.manual_seed(0)
+method = EDMTeacher(net={unet!r}, data_shape={shape!r}, num_classes={classes}, conditional=True).eval()
+with torch.no_grad():
+    for p in method.parameters():
+        p.add_(0.2 * torch.randn(p.shape))
+
+
+class Gloo:
+    def all_gather(self, part):
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part.contiguous())
+        return torch.stack(parts)
+
+
+draw = dict(sampler="euler_maruyama", nfe=4, seed=5, guidance=1.5, batch_size=4)
+two, _, _ = generate_across_ranks(SimpleNamespace(global_rank=rank, world_size=world, strategy=Gloo()), method, 8, **draw)
+if rank == 0:
+    single = SimpleNamespace(global_rank=0, world_size=1, strategy=SingleDeviceStrategy(torch.device("cpu")))
+    one, _, _ = generate_across_ranks(single, method, 8, **draw)
+    torch.save({{"one": one, "two": two}}, out)
+dist.destroy_process_group()
+""".format(unet=UNET, shape=SHAPE, classes=CLASSES)
+
+
+def test_two_ranks_draw_bit_for_bit_the_stochastic_samples_of_one_process(tmp_path):
+    script, store, out = tmp_path / "rank.py", tmp_path / "store", tmp_path / "samples.pt"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    ranks = [
+        subprocess.Popen([sys.executable, str(script), str(rank), "2", str(store), str(out)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]
+    try:
+        for rank in ranks:
+            _, err = rank.communicate(timeout=TIMEOUT_S)
+            assert rank.returncode == 0, err[-3000:]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    result = torch.load(out)
+    assert result["two"].shape == (8, *SHAPE) and result["two"].std() > 0.1
+    assert torch.equal(result["two"], result["one"])  # bit for bit, SDE noise included
+
+
+
 # One validation at step 2 with a benchmark and a sample grid. The sample counts are odd, so the second rank
 # draws padding; the NFE are high enough that each sample shows its seed (at 2 NFE the barely trained network
 # draws nearly the same image from any seed). data.limit leaves the fid_domain classifier enough images to

@@ -24,7 +24,7 @@ from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.noise import BatchNoise
 from fewstep.methods.teacher import TaughtMethod
 from fewstep.networks.lpips_loss import frozen_lpips
-from fewstep.samplers import SOLVERS, guided_denoiser
+from fewstep.samplers import SOLVERS, SeededNoise, guided_denoiser
 from fewstep.samplers.grids import nested_sigmas
 
 DATA_RANGE = (-1.0, 1.0)
@@ -183,8 +183,18 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
     @torch.no_grad()
     def rollout(self, source: str, n: int):
         """States at ``state_sigmas`` along ``n`` new trajectories of the teacher (DDIM on its own grid) or of the
-        current student (its own sampler and grid): (x, sigma, labels)."""
-        # its own seed per rank and step, so that ranks (and refreshes) roll out different trajectories
+        current student (its own sampler and grid): (x, sigma, labels).
+
+        Trajectory i of rank r at step s starts from, and (with a stochastic student sampler) is driven by, the
+        per-trajectory noise of seed 2^62 + r 2^44 + s 2^20 + i (a ``SeededNoise``): seeds that never collide
+        across trajectories (i < 2^20), steps (s < 2^24) and ranks, nor with the sampling seeds ``seed + i`` of
+        ``fewstep.generate``, so rollouts are reproducible and each trajectory is its seed's alone.
+        """
+        if n > 1 << 20:
+            raise ConfigError(f"a rollout of {n} trajectories: at most 2^20 per refresh, roll out fewer at a time")
+        base = (1 << 62) + (self.global_rank << 44) + (self.global_step << 20)
+        noise = SeededNoise(range(base, base + n), self.device)
+        # the labels from a generator of their own per rank and step, so that ranks (and refreshes) differ
         generator = torch.Generator(self.device).manual_seed(1_000_003 * self.global_rank + self.global_step)
         labels = None
         if self.num_classes:
@@ -200,9 +210,9 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
             def denoiser(x, sigma):
                 return self.student_x0(x, sigma, labels)
 
-        x = sigmas[0] * torch.randn(n, *self.hparams.data_shape, generator=generator, device=self.device)
+        x = sigmas[0] * noise.randn(self.hparams.data_shape)  # draw 0; the solver's noise, if any, from draw 1 on
         states = [(x, sigmas[0])]
-        solver(denoiser, x, sigmas, callback=lambda info: states.append((info["x"], sigmas[info["i"] + 1])))
+        solver(denoiser, x, sigmas, noise=noise, callback=lambda info: states.append((info["x"], sigmas[info["i"] + 1])))
         levels = self.state_sigmas
         keep = [(xs, s) for xs, s in states if s > 0 and torch.isclose(levels, s, rtol=1e-4).any()]
         if not keep:
