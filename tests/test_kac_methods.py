@@ -115,7 +115,7 @@ def _noise(seeds):
 def test_endpoint_loss_against_its_closed_form():
     # teacher u = lam x, student u = mu x: N Euler sub-steps of size h = D / N give x (1 - h lam)^N,
     # the student x (1 - D mu); the loss is E |x_t|^2 ((1 - D mu) - (1 - h lam)^N)^2 over the sampled x_t.
-    teacher = kac_model(a=9.0, c=3.0)
+    teacher = kac_model(a=9.0, c=3.0, denoise=[])
     student = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=4, teacher_steps=20)
     student.attach_teacher(teacher)
     lam, mu = 0.7, -0.4
@@ -130,6 +130,54 @@ def test_endpoint_loss_against_its_closed_form():
     D, h = 1 / 4, 1 / 20
     expected = (x_t**2).mean() * ((1 - D * mu) - (1 - h * lam) ** 5) ** 2
     torch.testing.assert_close(loss, expected)
+
+
+def test_endpoints_at_zero_take_the_teachers_denoising_jumps():
+    # issue 17: where the student interval ends at t = 0 the teacher's endpoint is its sample, which takes
+    # the teacher's final jumps x <- x - t_d u(x, t_d); with u = lam x that is x (1 - h lam)^N prod (1 - t_d lam).
+    teacher = kac_model(a=9.0, c=3.0, denoise=[0.2, 0.1])
+    student = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=4, teacher_steps=20)
+    assert student.denoise_times == () and teacher.denoise_times == (0.2, 0.1)
+    student.attach_teacher(teacher)
+    lam = 0.7
+    object.__setattr__(teacher, "velocity", lambda x, t, y=None: lam * x)
+    x = torch.randn(4, 2)
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    factor = torch.full((4, 1), (1 - lam / 20) ** 5)
+    factor[3] *= (1 - 0.2 * lam) * (1 - 0.1 * lam)
+    torch.testing.assert_close(student.teacher_endpoint(x, t, None), x * factor)
+    off = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=4, teacher_steps=20, teacher_denoise=False)
+    off.attach_teacher(teacher)
+    torch.testing.assert_close(off.teacher_endpoint(x, t, None), x * (1 - lam / 20) ** 5)
+
+
+def test_final_denoising_jumps_count_in_the_nfe_budget():
+    teacher = kac_model()
+    assert teacher.denoise_times == (0.2, 0.1, 0.05) and list(teacher.hparams.denoise) == [0.2, 0.1, 0.05]
+    with torch.no_grad():  # a network that is not zero at the start
+        for i, p in enumerate(teacher.net.parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.5)
+    samples, _, nfe = generate(teacher, 4, "kac_euler", 10)
+    assert nfe == 10
+    plain, _, nfe = generate(teacher, 4, "kac_euler", 10, denoise=[])
+    assert nfe == 10 and not torch.equal(samples, plain)
+    # the jumps after 7 Euler steps, by hand
+    seven, _, _ = generate(teacher, 4, "kac_euler", 7, denoise=[])
+    x = seven
+    with torch.no_grad():
+        for t_d in (0.2, 0.1, 0.05):
+            x = x - t_d * teacher.velocity(x, torch.full((4,), t_d))
+    torch.testing.assert_close(samples, x)
+    # at most half the budget: 3 NFE are 2 Euler steps and the first jump, 1 NFE one Euler step
+    two, _, _ = generate(teacher, 4, "kac_euler", 2, denoise=[])
+    with torch.no_grad():
+        jumped = two - 0.2 * teacher.velocity(two, torch.full((4,), 0.2))
+    torch.testing.assert_close(generate(teacher, 4, "kac_euler", 3)[0], jumped)
+    torch.testing.assert_close(generate(teacher, 4, "kac_euler", 1)[0], generate(teacher, 4, "kac_euler", 1, denoise=[])[0])
+    with pytest.raises(ConfigError, match=r"must lie in \(0, T"):
+        kac_model(denoise=[0.0])
+    with pytest.raises(ConfigError, match="take no options but denoise"):
+        generate(teacher, 1, "kac_euler", 5, order=2)
 
 
 def test_student_starts_from_its_teacher_and_stays_out_of_the_checkpoint():

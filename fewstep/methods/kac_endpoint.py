@@ -7,7 +7,7 @@ import torch
 from fewstep.errors import ConfigError
 from fewstep.methods.kac_teacher import KAC_HPARAMS, KacTeacher
 from fewstep.methods.teacher import Staged, TaughtMethod
-from fewstep.samplers.kac import KAC_SOLVERS
+from fewstep.samplers.kac import KAC_SOLVERS, denoise_tail
 
 
 class KacEndpoint(Staged, TaughtMethod, KacTeacher):
@@ -16,7 +16,8 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
     From x_{t_k} (a draw of the forward path at a grid time t_k = T - k D), the teacher integrates N
     sub-steps down to t_k - D, giving x_T; the student steps x_S = x_{t_k} - D u_phi(x_{t_k}, t_k); the
     loss is |x_S - x_T|^2 on the endpoint only (the paper's stability theorem carries endpoint closeness
-    to the whole path). The student is a Kac model like its teacher and samples with kac_euler at M steps.
+    to the whole path). The student is a Kac model like its teacher and samples with kac_euler at M steps,
+    without final denoising jumps (``denoise`` defaults to none): it learns the teacher's denoised endpoint.
 
     The teacher is attached with ``attach_teacher`` before fitting; it is not a submodule, so neither the
     checkpoint nor the EMA average carries it (``teacher_ckpt`` records where it came from).
@@ -27,10 +28,10 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
 
     def __init__(
         self, *args, student_steps: int = 1, teacher_steps: int = 100, teacher_sampler: str = "kac_euler",
-        teacher_ckpt: str | None = None, **kwargs,
+        teacher_ckpt: str | None = None, denoise=(), teacher_denoise: bool = True, **kwargs,
     ):
-        super().__init__(*args, **kwargs)
-        self.save_hyperparameters("student_steps", "teacher_steps", "teacher_sampler", "teacher_ckpt")
+        super().__init__(*args, denoise=denoise, **kwargs)
+        self.save_hyperparameters("student_steps", "teacher_steps", "teacher_sampler", "teacher_ckpt", "teacher_denoise")
         check_stages([teacher_steps, student_steps])
         if teacher_sampler not in KAC_SOLVERS:
             raise ConfigError(
@@ -62,10 +63,15 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
             "student_steps": steps, "teacher_steps": teacher_steps,
             "teacher_sampler": first_sampler or "kac_euler",
             "teacher_ckpt": str(teacher_path),
+            **{key: options[key] for key in ("denoise", "teacher_denoise") if options.get(key) is not None},
         }
 
     def teacher_endpoint(self, x: torch.Tensor, t: torch.Tensor, class_labels) -> torch.Tensor:
-        """The teacher's N sub-steps from each sample's own t down to t - D."""
+        """The teacher's N sub-steps from each sample's own t down to t - D.
+
+        Where t - D = 0 the endpoint is the teacher's sample, so it takes the teacher's final denoising jumps
+        (its ``denoise_times``; a student teacher has none) unless ``teacher_denoise`` is false: the student
+        learns the denoised endpoint and samples without extra NFE (issue 17)."""
         n_sub = self.hparams.teacher_steps // self.hparams.student_steps
         step = self.hparams.T / self.hparams.student_steps / n_sub
         ts = t[None, :] - step * torch.arange(n_sub + 1, device=t.device, dtype=t.dtype)[:, None]
@@ -73,7 +79,18 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
         def velocity(x_, t_):
             return self.teacher.velocity(x_, t_, class_labels)
 
-        return KAC_SOLVERS[self.hparams.teacher_sampler].fn(velocity, x, ts)
+        x_end = KAC_SOLVERS[self.hparams.teacher_sampler].fn(velocity, x, ts)
+        times = getattr(self.teacher, "denoise_times", ()) if self.hparams.get("teacher_denoise", True) else ()
+        last = ts[-1] <= 1e-9 * self.hparams.T  # intervals that end at t = 0: the teacher's sample, denoised
+        if times and bool(last.any()):
+            labels = None if class_labels is None else class_labels[last]
+
+            def velocity_last(x_, t_):
+                return self.teacher.velocity(x_, t_, labels)
+
+            x_end = x_end.clone()
+            x_end[last] = denoise_tail(velocity_last, x_end[last], times)
+        return x_end
 
     def loss(self, x0, class_labels, rng):
         if self.teacher is None:

@@ -8,8 +8,12 @@ from fewstep.errors import ConfigError
 from fewstep.methods.base import GenerativeMethod
 from fewstep.processes.kac import KacPath, KacProcess
 from fewstep.samplers import CountingDenoiser, guided_velocity, sample_kac
+from fewstep.samplers.kac import check_denoise
+from fewstep.samplers.noise import kac_prior
 
 KAC_HPARAMS = ("a", "c", "T", "f", "g")  # what a Kac model's process is; a teacher and its student share them
+# Final denoising jumps (fractions of T) after the ODE, issue 17: see fewstep.samplers.kac.denoise_tail
+DENOISE = (0.2, 0.1, 0.05)
 
 
 class KacTeacher(GenerativeMethod):
@@ -17,6 +21,9 @@ class KacTeacher(GenerativeMethod):
 
     Sampling integrates dx/dt = u(x, t) from the Kac prior at t = T to t = 0 (kac_euler, kac_heun, kac_ab2);
     class-conditional models take velocity-space guidance u_w = (1 + w) u(x, t | y) - w u(x, t | empty).
+    ``denoise`` (fractions of T, default 0.2, 0.1, 0.05) are the final denoising jumps x <- x - t_d u(x, t_d)
+    after the ODE, one NFE each out of the budget, at most half of it (``fewstep.samplers.kac.denoise_tail``,
+    issue 17); [] for none.
     """
 
     kind_name = "a Kac model"  # what DistillKac's teacher must be (fewstep.methods.teacher)
@@ -24,13 +31,14 @@ class KacTeacher(GenerativeMethod):
 
     def __init__(
         self, *args, a: float = 9.0, c: float = 3.0, T: float = 1.0, f: str = "linear", g: str = "linear",
-        t_min: float = 1e-3, **kwargs,
+        t_min: float = 1e-3, denoise=DENOISE, **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.save_hyperparameters(*KAC_HPARAMS, "t_min")
+        self.save_hyperparameters(*KAC_HPARAMS, "t_min", "denoise")
         if not 0 <= t_min < 1:
             raise ConfigError(f"t_min={t_min}: the smallest training time is a fraction of T, use 0 <= t_min < 1")
         self.path = KacPath(KacProcess(a, c), T, f, g)
+        self.denoise_times = check_denoise([d * T for d in (denoise or ())], T)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """u_theta(x, t), t a [batch] tensor in [0, T]; the network sees t / T."""
@@ -54,18 +62,28 @@ class KacTeacher(GenerativeMethod):
         return ((self.velocity(x_t, t, class_labels) - target) ** 2).mean()
 
     def prior(self, noise) -> torch.Tensor:
-        """x_T for each seed of ``noise`` (a SeededNoise): sample i depends on its own generator only."""
+        """x_T = K_{g(T)} for each seed of ``noise`` (a SeededNoise): sample i depends on its own seed only.
+
+        Drawn exactly from the counter-based uniforms of ``noise`` (``fewstep.samplers.noise.kac_prior``).
+        """
+        big_t = torch.tensor(self.hparams.T, dtype=torch.float64)
+        f_end = float(self.path.f(big_t))
+        if abs(f_end) > 1e-12:
+            raise ConfigError(f"Kac path f(T)={f_end:g} is not 0, so x_T depends on the data: use f with f(T) = 0")
         shape = tuple(self.hparams.data_shape)
-        return torch.cat([self.path.prior((1, *shape), generator=g, device=self.device) for g in noise.generators])
+        return kac_prior(noise, self.path.process, float(self.path.g(big_t)), shape).to(self.device)
 
     def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
         if grid not in (None, "uniform"):
             raise ConfigError(f"grid '{grid}' is a diffusion noise grid: a Kac model steps uniformly in t, use grid=null")
+        denoise = self.denoise_times
+        if "denoise" in options:  # sampler option: fractions of T, [] for none
+            denoise = check_denoise([d * self.hparams.T for d in (options.pop("denoise") or ())], self.hparams.T)
         if options:
-            raise ConfigError(f"Kac samplers take no options, got {', '.join(options)}: remove them")
+            raise ConfigError(f"Kac samplers take no options but denoise, got {', '.join(options)}: remove them")
         velocity = self.velocity
         if class_labels is not None:
             velocity = guided_velocity(velocity, guidance, class_labels, self.null_label)
         counted = CountingDenoiser(velocity)
-        x = sample_kac(counted, self.prior(noise), sampler, nfe, self.hparams.T)
+        x = sample_kac(counted, self.prior(noise), sampler, nfe, self.hparams.T, denoise=denoise)
         return x, counted.nfe

@@ -87,6 +87,36 @@ KAC_SOLVERS: dict[str, Solver] = {
 }
 
 
+@torch.no_grad()
+def denoise_tail(velocity, x, times=(), callback=None):
+    """Final denoising: for each t_d in ``times``, x <- x - t_d u(x, t_d), one Euler jump from t_d to 0 (1 NFE each).
+
+    The Kac flow does not contract errors: an atom moves rigidly (u = f' x0 +- c g' on the cone) and the inside
+    of the cone contracts only by (t + 2/a), so a velocity error made at t ~ 0.1-0.5 stays in the sample as faint
+    noise on flat (black) backgrounds (issue 17). Each jump reads the sample as a state of the path at t_d and
+    takes the model's one-step estimate of its endpoint; a few decreasing t_d (default 0.2, 0.1, 0.05 of T) remove
+    most of that residual noise, as a diffusion sampler's last denoising step does. It is not exact: a clean
+    sample is not a state of the path at t_d, and under the exact velocity of point-mass data the jumps push
+    values away from 0 (black and white pixels beyond -1 and 1, which clipping undoes; 0.5 ends at 0.58, 0.25
+    at 0.29, 0 stays): a mild contrast stretch. On MNIST's training images the default jumps cost 3.3 in fid_domain (n = 500).
+    """
+    for i, t_d in enumerate(times):
+        t = torch.as_tensor(float(t_d), dtype=x.dtype, device=x.device)
+        u = velocity(x, step_times(x, t))
+        x = x - t * u
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "t_next": torch.zeros_like(t), "velocity": u, "denoise": True})
+    return x
+
+
+def check_denoise(times, T: float) -> tuple[float, ...]:
+    """The denoising times as a tuple of floats in (0, T]."""
+    times = tuple(float(t) for t in (times or ()))
+    if any(not 0 < t <= T for t in times):
+        raise ConfigError(f"denoise times {list(times)} must lie in (0, T={T:g}]: e.g. denoise=[0.2,0.1,0.05], or [] for none")
+    return times
+
+
 def uniform_times(steps: int, T: float) -> torch.Tensor:
     """T = t_0 > t_1 > ... > t_steps = 0, equally spaced (the reference grids of both papers)."""
     return torch.linspace(T, 0.0, steps + 1, dtype=torch.float64)
@@ -114,8 +144,14 @@ def sample_kac(
     nfe: int,
     T: float = 1.0,
     callback: Callable | None = None,
+    denoise=(),
 ) -> torch.Tensor:
-    """Integrate ``velocity`` from ``x_T`` (a draw of the Kac prior) at t = T to t = 0 with at most ``nfe`` calls."""
-    solver = check_kac_solver(sampler, nfe)
-    ts = uniform_times(solver.steps_for_nfe(nfe), T).to(device=x_T.device, dtype=x_T.dtype)
-    return solver.fn(velocity, x_T, ts, callback=callback)
+    """Integrate ``velocity`` from ``x_T`` (a draw of the Kac prior) at t = T to t = 0 with at most ``nfe`` calls.
+
+    ``denoise``: times t_d of the final denoising jumps (``denoise_tail``), one NFE each, taken from the budget:
+    at most half of it (the first ones, nfe // 2 of them), and the ODE gets the other calls.
+    """
+    times = check_denoise(denoise, T)[: max(nfe, 0) // 2]
+    solver = check_kac_solver(sampler, nfe - len(times))
+    ts = uniform_times(solver.steps_for_nfe(nfe - len(times)), T).to(device=x_T.device, dtype=x_T.dtype)
+    return denoise_tail(velocity, solver.fn(velocity, x_T, ts, callback=callback), times, callback)
