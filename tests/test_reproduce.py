@@ -71,6 +71,8 @@ def test_rows_are_saved_after_each_evaluation_and_reused(tmp_path, monkeypatch):
     assert calls == [("heun", 4), ("heun", 4)]
     assert [r["train_seed"] for r in json.loads((tmp_path / "t.json").read_text())] == [0, 1]
     assert len(again.select("teacher", "heun", 4)) == 2 and not again.select("teacher", "euler")
+    only = reproduce.Rows(tmp_path / "t.json", seeds=[1])  # a table summarises the seeds it was asked for
+    assert [r["train_seed"] for r in only.select("teacher", "heun", 4)] == [1]
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path, monkeypatch):

@@ -145,13 +145,16 @@ class Run:
 # -- rows ---------------------------------------------------------------------------------------------------------
 def register_peers() -> list[str]:
     """k-diffusion's SDE solvers as fewstep solvers of this process (when k-diffusion is installed)."""
-    try:
-        from k_diffusion import sampling
-    except ImportError:
-        print("[peers] k-diffusion is not installed: the peer rows are skipped "
-              "(pip install --no-deps k-diffusion==0.1.1.post1 dctorch==0.1.2 torchsde trampoline)")
-        return []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_mixture import import_kdiffusion_sampling
+
     from fewstep.samplers import SOLVERS, Solver
+
+    sampling = import_kdiffusion_sampling()  # its sampling module alone: the package's __init__ needs scikit-image
+    if sampling is None:
+        print("[peers] the k-diffusion rows are skipped: pip install --no-deps k-diffusion==0.1.1.post1 "
+              "dctorch==0.1.2 torchsde torchdiffeq trampoline")
+        return []
 
     def solver(function: str):
         def solve(denoiser, x, sigmas, noise=None, callback=None):
@@ -186,8 +189,8 @@ def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path) -> dict:
 class Rows:
     """Every evaluated row of a table, saved after each one so that an interrupted table resumes."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, seeds: list[int] | None = None):
+        self.path, self.seeds = path, seeds  # select() summarises these training seeds only (None: all)
         self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
 
     def get(self, label: str, seed: int, ckpt: Path, sampler: str, nfe: int, n: int) -> dict:
@@ -203,7 +206,7 @@ class Rows:
 
     def select(self, label: str, sampler: str | None = None, nfe: int | None = None) -> list[dict]:
         return [r for r in self.rows if r["label"] == label and sampler in (None, r["sampler_name"])
-                and nfe in (None, r["nfe_budget"])]
+                and nfe in (None, r["nfe_budget"]) and (self.seeds is None or r["train_seed"] in self.seeds)]
 
 
 # -- tables -------------------------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def table_gdd(args, rows: Rows) -> list[str]:
         for label, run in runs.items():
             run.train(seed)
             rows.get(label, seed, run.ckpt(seed), "euler", 1, args.n)
-    teacher_rows = Rows(args.out / "teacher.json")
+    teacher_rows = Rows(args.out / "teacher.json", args.seeds)
     options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher_rows.select("teacher") if r["nfe_budget"] <= 35}
     if not options:
         raise SystemExit(f"no teacher rows in {teacher_rows.path}: run `python tools/reproduce.py teacher` first")
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for table in TABLES if args.table == "all" else [args.table]:
         start = time.perf_counter()
-        rows = Rows(args.out / f"{table}.json")
+        rows = Rows(args.out / f"{table}.json", args.seeds)
         lines = globals()[f"table_{table}"](args, rows)
         minutes = (time.perf_counter() - start) / 60
         header = [f"<!-- python tools/reproduce.py {table} --seeds {' '.join(map(str, args.seeds))} --n {args.n}"
