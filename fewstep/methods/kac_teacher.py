@@ -66,12 +66,8 @@ class KacTeacher(GenerativeMethod):
 
         Drawn exactly from the counter-based uniforms of ``noise`` (``fewstep.samplers.noise.kac_prior``).
         """
-        big_t = torch.tensor(self.hparams.T, dtype=torch.float64)
-        f_end = float(self.path.f(big_t))
-        if abs(f_end) > 1e-12:
-            raise ConfigError(f"Kac path f(T)={f_end:g} is not 0, so x_T depends on the data: use f with f(T) = 0")
         shape = tuple(self.hparams.data_shape)
-        return kac_prior(noise, self.path.process, float(self.path.g(big_t)), shape).to(self.device)
+        return kac_prior(noise, self.path.process, self.path.prior_time(), shape).to(self.device)
 
     def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
         if grid not in (None, "uniform"):

@@ -250,11 +250,15 @@ class KacPath:
         t = torch.as_tensor(t, device=x0.device)
         return _view(self.df(t), x0) * x0 + _view(self.dg(t), x0) * self.process.velocity(k, self.g(t)).to(x0.dtype)
 
-    def prior(self, shape, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-              device=None) -> Tensor:
-        """Draws of x_T = K_{g(T)}: the product Kac law on [-c g(T), c g(T)]^d (needs f(T) = 0)."""
+    def prior_time(self) -> float:
+        """g(T), the Kac time of the prior x_T = K_{g(T)}; a ConfigError unless f(T) = 0 (x_T free of the data)."""
         big_t = torch.tensor(self.T, dtype=torch.float64)
         f_end = float(self.f(big_t))
         if abs(f_end) > 1e-12:
             raise ConfigError(f"Kac path f(T)={f_end:g} is not 0, so x_T depends on the data: use f with f(T) = 0")
-        return self.process.sample(float(self.g(big_t)), shape, generator=generator, dtype=dtype, device=device)
+        return float(self.g(big_t))
+
+    def prior(self, shape, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+              device=None) -> Tensor:
+        """Draws of x_T = K_{g(T)}: the product Kac law on [-c g(T), c g(T)]^d (needs f(T) = 0)."""
+        return self.process.sample(self.prior_time(), shape, generator=generator, dtype=dtype, device=device)
