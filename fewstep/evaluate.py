@@ -192,8 +192,8 @@ def summarise_repeats(values: list[float], seeds: list[int]) -> dict:
 
 @torch.no_grad()
 def diversity(extractor, real, fake, num_classes: int, batch_size: int) -> dict:
-    """Precision and recall on the domain classifier's features, and the class coverage of its predictions."""
-    from fewstep.metrics.diversity import class_coverage, precision_recall
+    """Precision and recall on the domain classifier's features, the class coverage of its predictions, the dark pixels."""
+    from fewstep.metrics.diversity import class_coverage, dark_pixel_stats, precision_recall
     from fewstep.metrics.domain import to_model_range
 
     device = next(extractor.parameters()).device
@@ -203,7 +203,7 @@ def diversity(extractor, real, fake, num_classes: int, batch_size: int) -> dict:
 
     precision, recall = precision_recall(batches(real, extractor), batches(fake, extractor))
     predicted = batches(fake, lambda x: extractor.classifier(to_model_range(x)).argmax(1))
-    return {"precision": precision, "recall": recall, **class_coverage(predicted, num_classes)}
+    return {"precision": precision, "recall": recall, **class_coverage(predicted, num_classes), **dark_pixel_stats(fake)}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

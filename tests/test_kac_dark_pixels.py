@@ -138,3 +138,12 @@ def test_the_final_jumps_keep_black_and_white_pixels():
     x = torch.cat([torch.full((8,), -1.0, dtype=torch.float64), torch.full((8,), 1.0, dtype=torch.float64)])
     out = denoise_tail(velocity, x, DEFAULT_DENOISE).clamp(-1, 1)
     torch.testing.assert_close(out, x)
+
+
+def test_the_dark_pixel_fraction_counts_faint_pixels_among_the_dark_ones():
+    from fewstep.metrics.diversity import dark_pixel_stats
+
+    images = torch.tensor([0, 0, 0, 9, 64, 65, 255, 8], dtype=torch.uint8)  # dark: 0 0 0 9 64 8; faint: 9 64
+    stats = dark_pixel_stats(images)
+    assert stats["dark_fraction"] == pytest.approx(2 / 6)
+    assert stats["dark_mean"] == pytest.approx((9 + 64 + 8) / 6) and stats["zero_fraction"] == pytest.approx(3 / 8)

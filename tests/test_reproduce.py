@@ -57,7 +57,7 @@ def test_verdict_applies_the_claims_factor_and_direction():
 def test_rows_are_saved_after_each_evaluation_and_reused(tmp_path, monkeypatch):
     calls = []
 
-    def fake(ckpt, sampler, nfe, n, out):
+    def fake(ckpt, sampler, nfe, n, out, options=()):
         calls.append((sampler, nfe))
         return {"value": 1.0 * nfe, "values": [1.0 * nfe, 1.0 * nfe + 1]}
 
@@ -73,6 +73,23 @@ def test_rows_are_saved_after_each_evaluation_and_reused(tmp_path, monkeypatch):
     assert len(again.select("teacher", "heun", 4)) == 2 and not again.select("teacher", "euler")
     only = reproduce.Rows(tmp_path / "t.json", seeds=[1])  # a table summarises the seeds it was asked for
     assert [r["train_seed"] for r in only.select("teacher", "heun", 4)] == [1]
+
+
+def test_parallel_writers_keep_each_others_rows(tmp_path, monkeypatch):
+    """The seeds of a table run as processes (--jobs) that save into one file: none overwrites another's rows."""
+    monkeypatch.setattr(reproduce, "evaluate_row", lambda *a, **k: {"value": 1.0})
+    first, second = reproduce.Rows(tmp_path / "t.json"), reproduce.Rows(tmp_path / "t.json")  # both read an empty file
+    first.get("teacher", 0, Path("a.ckpt"), "heun", 4, 10)
+    second.get("teacher", 1, Path("b.ckpt"), "heun", 4, 10)
+    first.get("teacher", 0, Path("a.ckpt"), "heun", 8, 10)
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert sorted((r["train_seed"], r["nfe_budget"]) for r in saved) == [(0, 4), (0, 8), (1, 4)]
+
+
+def test_a_seed_process_gets_the_command_less_seeds_and_jobs():
+    argv = ["teacher", "--seeds", "0", "1", "2", "--jobs=2", "--n", "500", "--set", "trainer.max_steps=10", "--quick"]
+    assert reproduce.without_options(argv, "--seeds", "--jobs") == [
+        "teacher", "--n", "500", "--set", "trainer.max_steps=10", "--quick"]
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path, monkeypatch):
@@ -93,3 +110,14 @@ def test_the_teacher_table_runs_end_to_end(tmp_path):
     assert all(len(r["values"]) == 2 for r in saved)  # two disjoint sample sets per row
     text = (tmp_path / "teacher.md").read_text()
     assert "| euler |" in text and "±" in text and "lazy conversion" in text
+
+
+@pytest.mark.slow
+def test_the_kac_table_runs_its_seeds_in_parallel(tmp_path):
+    reproduce.main(["kac", "--quick", "--seeds", "0", "1", "--jobs", "2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "kac.json").read_text())
+    assert {r["train_seed"] for r in saved} == {0, 1}
+    assert {r["label"] for r in saved} == {"teacher", "teacher, no jumps", "staged", "one jump"}
+    assert all(0 <= r["dark_fraction"] <= 1 for r in saved)
+    text = (tmp_path / "kac.md").read_text()
+    assert "4-step student within 15%" in text and "denoising jumps" in text

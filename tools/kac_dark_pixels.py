@@ -24,7 +24,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from hydra.utils import instantiate
 
@@ -32,21 +31,8 @@ from fewstep.checkpoints import load_method
 from fewstep.evaluate import training_config
 from fewstep.generate import generate
 from fewstep.images import to_uint8
+from fewstep.metrics.diversity import DARK, FAINT, dark_pixel_stats
 from fewstep.metrics.score import feature_extractor, reference_key, score
-
-DARK, FAINT = 64, 8  # uint8 levels: a pixel <= DARK is dark; a dark pixel > FAINT is faint noise
-
-
-def dark_pixel_stats(images: torch.Tensor) -> dict:
-    """Dark-pixel fraction (among pixels <= 64, those > 8), the mean dark pixel and the share of exact zeros; uint8 input."""
-    x = images.to(torch.int64).flatten()
-    dark = x <= DARK
-    n_dark = int(dark.sum())
-    return {
-        "dark_fraction": float(((x > FAINT) & dark).sum()) / max(n_dark, 1),
-        "dark_mean": float(x[dark].double().mean()) if n_dark else float("nan"),
-        "zero_fraction": float((x == 0).double().mean()),
-    }
 
 
 def parse_model(spec: str) -> tuple[Path, str | None, int | None, dict]:

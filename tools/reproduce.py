@@ -19,8 +19,11 @@ smoke run (tiny network, a few steps, n = 16) for tests.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -41,7 +44,7 @@ PEERS = {  # k-diffusion's SDE solvers, each with its Brownian tree (one per ima
 BUDGETS = {  # training at the protocol's scale (batch 32); a student's teacher is the same seed's teacher run
     "edm_teacher": ["trainer.max_steps=4000"],
     "kac_teacher": ["trainer.max_steps=4000"],
-    "gdd": ["trainer.max_steps=4000"],  # 128k images: twice the 64k at which unfrozen GDD collapsed (docs/benchmarks.md)
+    "gdd": ["trainer.max_steps=4000", "trainer.val_check_interval=500"],  # 128k images: twice the 64k at which unfrozen GDD collapsed (docs/benchmarks.md)
     "progressive": ["method.steps_per_round=300"],
     "consistency": ["trainer.max_steps=1200", "callbacks.ema.decay=0.99"],
     "dmd2": ["trainer.max_steps=400", "callbacks.ema.decay=0.99"],
@@ -77,7 +80,7 @@ class Stat:
 def stat(rows: list[dict], key: str = "value") -> Stat:
     """Mean over training seeds of each seed's mean over sample sets; the sampling spread from the set pairs."""
     per_seed, diffs = [], []
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r.get("train_seed", 0)):  # per_seed[i]: the same seed in every Stat
         values = row["values"] if key == "value" and "values" in row else [row[key]]
         per_seed.append(statistics.fmean(values))
         if len(values) == 2:
@@ -169,7 +172,7 @@ def register_peers() -> list[str]:
     return list(PEERS)
 
 
-def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path) -> dict:
+def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path, options: tuple[str, ...] = ()) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -181,7 +184,7 @@ def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path) -> dict:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("evaluate", overrides=[
             f"ckpt={ckpt}", f"sampler={group}", f"sampler.name={sampler}", f"nfe={nfe}", f"n={n}",
-            "metric=fid_domain", "repeats=2", f"paths.output_dir={out}",
+            "metric=fid_domain", "repeats=2", f"paths.output_dir={out}", *(f"+sampler.{o}" for o in options),
         ])
     return evaluate(cfg)
 
@@ -193,16 +196,26 @@ class Rows:
         self.path, self.seeds = path, seeds  # select() summarises these training seeds only (None: all)
         self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
 
-    def get(self, label: str, seed: int, ckpt: Path, sampler: str, nfe: int, n: int) -> dict:
+    def get(self, label: str, seed: int, ckpt: Path, sampler: str, nfe: int, n: int, options: tuple[str, ...] = ()) -> dict:
+        """The row of (label, seed, sampler, nfe, n), evaluated now if not saved; ``options`` are sampler options."""
         key = {"label": label, "train_seed": seed, "sampler_name": sampler, "nfe_budget": nfe, "n": n}
         for row in self.rows:
             if all(row.get(k) == v for k, v in key.items()):
                 return row
-        row = {**evaluate_row(ckpt, sampler, nfe, n, self.path.parent / "eval" / self.path.stem / f"{len(self.rows)}"),
-               **key}
-        self.rows.append(row)
-        self.path.write_text(json.dumps(self.rows, indent=1))
+        out = self.path.parent / "eval" / self.path.stem / re.sub(r"[^\w.-]+", "_", f"{label}_{sampler}_{nfe}_seed{seed}")
+        row = {**evaluate_row(ckpt, sampler, nfe, n, out, options), **key}
+        self.save(row)
         return row
+
+    def save(self, row: dict) -> None:
+        """Add a row to the file under a lock: the seeds of a table may run as parallel processes (--jobs)."""
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.rows = json.loads(self.path.read_text()) if self.path.is_file() else []
+            self.rows.append(row)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.rows, indent=1))
+            temporary.replace(self.path)
 
     def select(self, label: str, sampler: str | None = None, nfe: int | None = None) -> list[dict]:
         return [r for r in self.rows if r["label"] == label and sampler in (None, r["sampler_name"])
@@ -287,53 +300,128 @@ def table_kac(args, rows: Rows) -> list[str]:
             run.train(seed)
         for sampler in ("kac_euler", "kac_ab2"):
             rows.get("teacher", seed, teacher.ckpt(seed), sampler, stages[0], args.n)
+        # the same teacher without its final denoising jumps: the sampler before issue 17's fix
+        rows.get("teacher, no jumps", seed, teacher.ckpt(seed), "kac_euler", stages[0], args.n, ("denoise=[]",))
         for steps in stages[1:]:
             rows.get("staged", seed, staged.ckpt(seed, str(steps)), "kac_euler", steps, args.n)
         rows.get("one jump", seed, direct.ckpt(seed, "1"), "kac_euler", 1, args.n)
     best = min((stat(rows.select("teacher", s)) for s in ("kac_euler", "kac_ab2")), key=lambda s: s.mean)
-    lines = ["| model | NFE | fid_domain | sampling spread | / best teacher |", "|---|---|---|---|---|"]
-    for label, sampler, nfe in [("teacher", "kac_euler", stages[0]), ("teacher", "kac_ab2", stages[0])] + [
-            ("staged", "kac_euler", s) for s in stages[1:]] + [("one jump", "kac_euler", 1)]:
-        s = stat(rows.select(label, sampler, nfe))
-        lines.append(f"| {label} ({sampler}) | {nfe} | {s} | {s.spread:.2g} | {s.mean / best.mean:.2f} |")
+    edm = best_edm_teacher(args)
+    lines = ["| model | NFE | fid_domain | sampling spread | / best teacher | dark fraction | / EDM teacher's |",
+             "|---|---|---|---|---|---|---|"]
+    models = [("teacher", "kac_euler", stages[0]), ("teacher", "kac_ab2", stages[0]), ("teacher, no jumps", "kac_euler", stages[0])]
+    for label, sampler, nfe in models + [("staged", "kac_euler", s) for s in stages[1:]] + [("one jump", "kac_euler", 1)]:
+        s, dark = stat(rows.select(label, sampler, nfe)), stat(rows.select(label, sampler, nfe), "dark_fraction")
+        lines.append(f"| {label} ({sampler}) | {nfe} | {s} | {s.spread:.2g} | {ratio(s, best)} | {dark} | "
+                     f"{ratio(dark, edm[2]) if edm else ''} |")
+    if edm:
+        lines.append(f"| EDM teacher ({edm[0]}) | {edm[1]} | {edm[3]} | {edm[3].spread:.2g} | | {edm[2]} | 1.00 |")
     four, one = stat(rows.select("staged", nfe=4)), stat(rows.select("staged", nfe=1))
     jump = stat(rows.select("one jump"))
+    euler, bare = stat(rows.select("teacher", "kac_euler")), stat(rows.select("teacher, no jumps"))
     lines += [
         "", "| claim | paper | ours | verdict |", "|---|---|---|---|",
-        f"| 4-step student within 15% of the teacher | 1.16x | {four.mean / best.mean:.2f}x | {verdict(four, best, 1.15)} |",
-        f"| 1-step student within 2x of the teacher | 1.58x | {one.mean / best.mean:.2f}x | {verdict(one, best, 2.0)} |",
+        f"| 4-step student within 15% of the teacher | 1.16x | {ratio(four, best)}x | {verdict(four, best, 1.15)} |",
+        f"| 1-step student within 2x of the teacher | 1.58x | {ratio(one, best)}x | {verdict(one, best, 2.0)} |",
         f"| staged better than one jump at equal teacher evaluations ({jump_steps} steps) | better | {one} vs {jump} | "
         f"{verdict(one, jump)} |",
+        f"| the denoising jumps: fid_domain unchanged or better (issue 17) | no worse | {euler} vs {bare} without | "
+        f"{verdict(euler, bare)} |",
     ]
+    if edm:
+        for label, nfe in (("teacher", stages[0]), ("staged", 4), ("staged", 1)):
+            dark = stat(rows.select(label, "kac_euler", nfe), "dark_fraction")
+            lines.append(f"| Kac {label} ({nfe} NFE): dark fraction within 1.5x of the EDM teacher's (issue 17) | "
+                         f"<= 1.5x | {dark} vs {edm[2]} ({ratio(dark, edm[2])}x) | {verdict(dark, edm[2], 1.5)} |")
     return lines
 
 
+def ratio(ours: Stat, theirs: Stat) -> str:
+    return f"{ours.mean / theirs.mean:.2f}" if theirs.mean else "n/a"
+
+
+def best_edm_teacher(args) -> tuple[str, int, Stat, Stat] | None:
+    """The EDM teacher's best (sampler, NFE <= 35) by fid_domain in the teacher table: sampler, NFE, dark fraction, FID."""
+    teacher = Rows(args.out / "teacher.json", args.seeds)
+    options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher.select("teacher") if r["nfe_budget"] <= 35}
+    options = {k for k in options if len(teacher.select("teacher", *k)) == len(args.seeds)}
+    if not options:
+        return None
+    key = min(options, key=lambda k: stat(teacher.select("teacher", *k)).mean)
+    return (*key, stat(teacher.select("teacher", *key), "dark_fraction"), stat(teacher.select("teacher", *key)))
+
+
 def table_gdd(args, rows: Rows) -> list[str]:
+    """One-step fid_domain of every kept checkpoint of each GDD run: the final value, the curve and any collapse."""
     teacher = teacher_runs(args)
-    levels = {"GDD": 0, "GDD-I": 1}
-    runs = {label: Run(f"gdd_level{level}", lambda seed, level=level: [
+    runs = {level: Run(f"gdd_level{level}", lambda seed, level=level: [
         *method("gdd", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.freeze.level={level}"], args.out, args.extra)
-        for label, level in levels.items()}
+        for level in args.gdd_levels}
+    steps = set()
     for seed in args.seeds:
         teacher.train(seed)
-        for label, run in runs.items():
+        for level, run in runs.items():
             run.train(seed)
-            rows.get(label, seed, run.ckpt(seed), "euler", 1, args.n)
-    teacher_rows = Rows(args.out / "teacher.json", args.seeds)
-    options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher_rows.select("teacher") if r["nfe_budget"] <= 35}
-    if not options:
-        raise SystemExit(f"no teacher rows in {teacher_rows.path}: run `python tools/reproduce.py teacher` first")
-    best_key = min(options, key=lambda k: stat(teacher_rows.select("teacher", *k)).mean)
-    best = stat(teacher_rows.select("teacher", *best_key))
-    gdd, gddi = stat(rows.select("GDD")), stat(rows.select("GDD-I"))
-    return [
-        "| model | NFE | fid_domain | sampling spread |", "|---|---|---|---|",
-        f"| teacher, best sampler ({best_key[0]}, {best_key[1]} NFE) | {best_key[1]} | {best} | {best.spread:.2g} |",
-        f"| GDD | 1 | {gdd} | {gdd.spread:.2g} |", f"| GDD-I (level 1) | 1 | {gddi} | {gddi.spread:.2g} |",
-        "", "| claim | paper | ours | verdict |", "|---|---|---|---|",
-        f"| GDD at one step at or below the teacher's best | 1.54 vs 1.79 (CIFAR-10) | {gdd} vs {best} | {verdict(gdd, best)} |",
-        f"| GDD-I: freezing does not cost FID | frozen is best | {gddi} vs {gdd} | {verdict(gddi, gdd)} |",
-    ]
+            for ckpt in sorted(run.dir(seed).glob("checkpoints/step_*.ckpt")):  # one per validation (callbacks.model_checkpoint)
+                step = int(ckpt.stem.split("_")[1])
+                steps.add(step)
+                rows.get(f"{gdd_label(level)} @ {step}", seed, ckpt, "euler", 1, args.n)
+    edm = best_edm_teacher(args)
+    if edm is None:
+        raise SystemExit(f"no teacher rows in {args.out / 'teacher.json'}: run `python tools/reproduce.py teacher` first")
+    (best_sampler, best_nfe), best = edm[:2], edm[3]
+    steps = sorted(steps)
+    batch = images_per_step(teacher.dir(args.seeds[0]))
+    teacher_steps = max(int(c.stem.split("_")[1]) for c in teacher.dir(args.seeds[0]).glob("checkpoints/step_*.ckpt"))
+    final, half = steps[-1], max([s for s in steps if s <= teacher_steps // 2], default=steps[0])
+    lines = ["| model | " + " | ".join(f"{s * batch / 1000:g}k" for s in steps) + " | collapsed seeds |",
+             "|---|" + "---|" * (len(steps) + 1)]
+    curves = {}
+    for level in runs:
+        label = gdd_label(level)
+        curve = {step: stat(rows.select(f"{label} @ {step}")) for step in steps if rows.select(f"{label} @ {step}")}
+        curves[label] = curve
+        lines.append(f"| {label} | " + " | ".join(str(curve[s]) if s in curve else "" for s in steps)
+                     + f" | {collapsed(curve)} of {len(args.seeds)} |")
+    lines += [f"| teacher, best sampler ({best_sampler}, {best_nfe} NFE), {teacher_steps * batch / 1000:g}k images | {best} "
+              f"| | sampling spread {best.spread:.2g} |", "",
+              "One-step fid_domain (EMA weights) against the training images seen, mean ± std over training seeds. A seed "
+              "has collapsed when a later checkpoint scores more than twice its best.", "",
+              "| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    gdd = curves.get(gdd_label(0), {})
+    if gdd:
+        for step, text in ((half, "with half the teacher's images"), (final, "at the end")):
+            lines.append(f"| GDD at one step at or below the teacher's best, {text} ({step * batch / 1000:g}k images) | "
+                         f"1.54 vs 1.79 (CIFAR-10) | {gdd[step]} vs {best} | {verdict(gdd[step], best)} |")
+        lines.append(f"| GDD without freezing does not collapse (issue 17) | no collapse | {collapsed(gdd)} of "
+                     f"{len(args.seeds)} seeds collapsed within {final * batch / 1000:g}k images | "
+                     f"{'met' if collapsed(gdd) == 0 else 'missed'} |")
+    for level in runs:
+        frozen = curves[gdd_label(level)]
+        if level and gdd:
+            lines.append(f"| {gdd_label(level)}: freezing does not cost FID, at the end | frozen is best | "
+                         f"{frozen[final]} vs {gdd[final]} | {verdict(frozen[final], gdd[final])} |")
+    return lines
+
+
+def gdd_label(level: int) -> str:
+    return "GDD" if level == 0 else f"GDD-I level {level}"
+
+
+def collapsed(curve: dict[int, Stat]) -> int:
+    """Training seeds whose one-step fid_domain at a later checkpoint is more than twice their best so far."""
+    steps = sorted(curve)
+    count = 0
+    for i in range(len(curve[steps[0]].per_seed)):
+        values = [curve[s].per_seed[i] for s in steps if len(curve[s].per_seed) > i]
+        count += any(v > 2 * min(values[: j + 1]) for j, v in enumerate(values))
+    return count
+
+
+def images_per_step(run: Path) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(run / ".hydra" / "config.yaml").data.batch_size)
 
 
 def table_students(args, rows: Rows) -> list[str]:
@@ -416,24 +504,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=1000, help="images per sample set (two disjoint sets per row)")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 35])
     parser.add_argument("--samplers", nargs="+", default=None, help="teacher table: only these samplers")
+    parser.add_argument("--gdd-levels", type=int, nargs="+", default=[0, 1], help="gdd table: GDD-I freezing levels (0: GDD)")
     parser.add_argument("--kac-stages", type=int, nargs="+", default=[100, 20, 4, 2, 1])
     parser.add_argument("--kac-steps-per-stage", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("docs/reproduction"))
     parser.add_argument("--set", dest="extra", action="append", default=[], help="an override for every training run")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny network, two steps, n = 16")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train and evaluate this many seeds at once, each a process with cores/jobs threads")
     args = parser.parse_args(argv)
     if args.quick:
         args.extra = QUICK + args.extra
-        args.n, args.kac_stages, args.kac_steps_per_stage = 16, [4, 2, 1], 2
+        args.n, args.kac_stages, args.kac_steps_per_stage = 16, [8, 4, 2, 1], 2
     return args
 
 
+def without_options(argv: list[str], *names: str) -> list[str]:
+    """``argv`` less the options ``names`` and their values (``--seeds 0 1 2``, ``--jobs=2``)."""
+    kept, skipping = [], False
+    for token in argv:
+        if token.startswith("-"):
+            skipping = token.split("=")[0] in names
+            if skipping:
+                continue
+        if not skipping:
+            kept.append(token)
+    return kept
+
+
+def run_seeds_in_parallel(table: str, args, argv: list[str]) -> None:
+    """The table's seeds as parallel processes of this tool, ``--jobs`` at a time, each with its share of the cores.
+
+    Each process trains and evaluates one seed into the shared ``OUT/<table>.json`` (saved under a lock);
+    the caller then summarises every seed from the saved rows.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    rest = list(argv)
+    rest.remove(args.table)  # the positional TABLE ("all" runs table by table)
+    base = [sys.executable, __file__, table, *without_options(rest, "--seeds", "--jobs")]
+
+    def one(seed: int) -> int:
+        log = args.out / f"{table}_seed{seed}.log"
+        print(f"[jobs] {table} seed {seed} ({threads} threads): log in {log}", flush=True)
+        with open(log, "a") as stream:
+            return subprocess.run([*base, "--seeds", str(seed)], env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failed = [seed for seed, code in zip(args.seeds, pool.map(one, args.seeds)) if code]
+    if failed:
+        raise SystemExit(f"{table}: seeds {failed} failed: see {args.out}/{table}_seed<S>.log")
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     for table in TABLES if args.table == "all" else [args.table]:
         start = time.perf_counter()
+        if args.jobs > 1 and len(args.seeds) > 1:
+            run_seeds_in_parallel(table, args, argv)
         rows = Rows(args.out / f"{table}.json", args.seeds)
         lines = globals()[f"table_{table}"](args, rows)
         minutes = (time.perf_counter() - start) / 60

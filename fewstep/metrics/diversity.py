@@ -5,7 +5,8 @@ moves little. Recall (Kynkaenniemi et al. 2019) is the fraction of real images w
 inside the k-NN balls of the generated ones, precision the converse; class coverage reads the class
 of each generated image off a classifier of the data set and compares the class histogram with the
 uniform one. ``python -m fewstep.evaluate metric=fid_domain`` reports all three beside the FID, on the
-domain classifier's features and predictions.
+domain classifier's features and predictions, and the dark-pixel fraction: faint noise left on a black
+background, which FID barely sees (issue 17: the Kac sampler's flat regions).
 """
 
 from __future__ import annotations
@@ -14,6 +15,24 @@ import math
 
 import torch
 from torch import Tensor
+
+DARK, FAINT = 64, 8  # uint8 levels: a pixel <= DARK is dark; a dark pixel > FAINT is faint noise
+
+
+def dark_pixel_stats(images: Tensor) -> dict:
+    """Among the dark pixels (<= 64 of 255), the fraction above 8: faint noise on a black background; uint8 input.
+
+    MNIST's backgrounds are exactly 0, so on real images it counts only the anti-aliased feet of strokes. Also
+    the mean dark pixel and the share of exact zeros.
+    """
+    x = images.to(torch.int64).flatten()
+    dark = x <= DARK
+    n_dark = int(dark.sum())
+    return {
+        "dark_fraction": float(((x > FAINT) & dark).sum()) / max(n_dark, 1),
+        "dark_mean": float(x[dark].double().mean()) if n_dark else float("nan"),
+        "zero_fraction": float((x == 0).double().mean()),
+    }
 
 
 def knn_radii(features: Tensor, k: int) -> Tensor:
