@@ -44,7 +44,8 @@ PEERS = {  # k-diffusion's SDE solvers, each with its Brownian tree (one per ima
 BUDGETS = {  # training at the protocol's scale (batch 32); a student's teacher is the same seed's teacher run
     "edm_teacher": ["trainer.max_steps=4000"],
     "kac_teacher": ["trainer.max_steps=4000"],
-    "gdd": ["trainer.max_steps=4000", "trainer.val_check_interval=500"],  # 128k images: twice the 64k at which unfrozen GDD collapsed (docs/benchmarks.md)
+    # 128k images: twice the 64k at which unfrozen GDD collapsed (docs/benchmarks.md); a checkpoint every 16k
+    "gdd": ["trainer.max_steps=4000", "trainer.val_check_interval=500"],
     "progressive": ["method.steps_per_round=300"],
     "consistency": ["trainer.max_steps=1200", "callbacks.ema.decay=0.99"],
     "dmd2": ["trainer.max_steps=400", "callbacks.ema.decay=0.99"],
@@ -316,6 +317,11 @@ def table_kac(args, rows: Rows) -> list[str]:
                      f"{ratio(dark, edm[2]) if edm else ''} |")
     if edm:
         lines.append(f"| EDM teacher ({edm[0]}) | {edm[1]} | {edm[3]} | {edm[3].spread:.2g} | | {edm[2]} | 1.00 |")
+    figure({"Kac teacher (kac_euler)": {stages[0]: stat(rows.select("teacher", "kac_euler"))},
+            "Kac teacher (kac_ab2)": {stages[0]: stat(rows.select("teacher", "kac_ab2"))},
+            "staged DistillKac students": {s: stat(rows.select("staged", nfe=s)) for s in stages[1:]},
+            "one jump": {1: stat(rows.select("one jump"))}},
+           args.out / "kac.png", "DistillKac: fid_domain against NFE (mean ± std over training seeds)")
     four, one = stat(rows.select("staged", nfe=4)), stat(rows.select("staged", nfe=1))
     jump = stat(rows.select("one jump"))
     euler, bare = stat(rows.select("teacher", "kac_euler")), stat(rows.select("teacher, no jumps"))
@@ -383,6 +389,9 @@ def table_gdd(args, rows: Rows) -> list[str]:
         curves[label] = curve
         lines.append(f"| {label} | " + " | ".join(str(curve[s]) if s in curve else "" for s in steps)
                      + f" | {collapsed(curve)} of {len(args.seeds)} |")
+    figure({label: {s * batch / 1000: v for s, v in curve.items()} for label, curve in curves.items()},
+           args.out / "gdd.png", "GDD: one-step fid_domain against training images (mean ± std over training seeds)",
+           xlabel="training images (thousands)", xscale="linear")
     lines += [f"| teacher, best sampler ({best_sampler}, {best_nfe} NFE), {teacher_steps * batch / 1000:g}k images | {best} "
               f"| | sampling spread {best.spread:.2g} |", "",
               "One-step fid_domain (EMA weights) against the training images seen, mean ± std over training seeds. A seed "
@@ -477,7 +486,7 @@ def fid_nfe_table(curves: dict[str, dict[int, Stat]], nfes: list[int]) -> list[s
     return lines
 
 
-def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str) -> None:
+def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str, xlabel: str = "NFE", xscale: str = "log") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -490,7 +499,7 @@ def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str) -> None:
             ax.errorbar(nfes, [curve[n].mean for n in nfes], yerr=[curve[n].std if len(curve[n].per_seed) > 1 else 0
                         for n in nfes], marker="o", capsize=3, label=sampler, color=f"C{i % 10}",
                         ls="--" if sampler in PEERS else "-")
-    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="fid_domain", title=title)
+    ax.set(xscale=xscale, yscale="log", xlabel=xlabel, ylabel="fid_domain", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
