@@ -41,6 +41,8 @@ PEERS = {  # k-diffusion's SDE solvers, each with its Brownian tree (one per ima
     "kd_dpmpp_2m_sde": ("sample_dpmpp_2m_sde", 1),
     "kd_dpmpp_3m_sde": ("sample_dpmpp_3m_sde", 1),
 }
+DIFFUSERS_PEER = "hf_edm_sde_dpmpp"  # diffusers' EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+PEER_NAMES = (*PEERS, DIFFUSERS_PEER)
 BUDGETS = {  # training at the protocol's scale (batch 32); a student's teacher is the same seed's teacher run
     "edm_teacher": ["trainer.max_steps=4000"],
     "kac_teacher": ["trainer.max_steps=4000"],
@@ -148,29 +150,58 @@ class Run:
 
 # -- rows ---------------------------------------------------------------------------------------------------------
 def register_peers() -> list[str]:
-    """k-diffusion's SDE solvers as fewstep solvers of this process (when k-diffusion is installed)."""
+    """The peers' SDE solvers as fewstep solvers of this process: k-diffusion's and diffusers' (when installed)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_mixture import import_kdiffusion_sampling
 
     from fewstep.samplers import SOLVERS, Solver
 
+    names = []
     sampling = import_kdiffusion_sampling()  # its sampling module alone: the package's __init__ needs scikit-image
     if sampling is None:
         print("[peers] the k-diffusion rows are skipped: pip install --no-deps k-diffusion==0.1.1.post1 "
               "dctorch==0.1.2 torchsde torchdiffeq trampoline")
-        return []
+    else:
+        def solver(function: str):
+            def solve(denoiser, x, sigmas, noise=None, callback=None):
+                seeds = [int(s) for s in noise.seeds] if noise is not None else None
+                tree = sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
+                return getattr(sampling, function)(denoiser, x, sigmas, disable=True, noise_sampler=tree)
 
-    def solver(function: str):
-        def solve(denoiser, x, sigmas, noise=None, callback=None):
-            seeds = [int(s) for s in noise.seeds] if noise is not None else None
-            tree = sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
-            return getattr(sampling, function)(denoiser, x, sigmas, disable=True, noise_sampler=tree)
+            return solve
 
-        return solve
+        for name, (function, per_step) in PEERS.items():
+            SOLVERS[name] = Solver(solver(function), lambda nfe, k=per_step: (nfe - 1) // k + 1, stochastic=True)
+        names += list(PEERS)
+    try:
+        from diffusers import EDMDPMSolverMultistepScheduler
+    except ImportError:
+        print("[peers] the diffusers row is skipped: pip install diffusers")
+    else:
+        SOLVERS[DIFFUSERS_PEER] = Solver(diffusers_edm_sde_dpmpp(EDMDPMSolverMultistepScheduler), lambda nfe: nfe,
+                                         stochastic=True)
+        names.append(DIFFUSERS_PEER)
+    return names
 
-    for name, (function, per_step) in PEERS.items():
-        SOLVERS[name] = Solver(solver(function), lambda nfe, k=per_step: (nfe - 1) // k + 1, stochastic=True)
-    return list(PEERS)
+
+def diffusers_edm_sde_dpmpp(scheduler_class):
+    """diffusers' EDM sde-dpmsolver++ (2M, midpoint) on our grid and denoiser: 1 NFE per step, a generator per image."""
+    import torch
+
+    def solve(denoiser, x, sigmas, noise=None, callback=None):
+        scheduler = scheduler_class(algorithm_type="sde-dpmsolver++", solver_order=2, sigma_min=float(sigmas[-2]),
+                                    sigma_max=float(sigmas[0]), final_sigmas_type="zero")
+        scheduler.set_timesteps(len(sigmas) - 1)
+        scheduler.sigmas = sigmas.to(torch.float32).cpu()  # our grid (the last entry is 0), as for every fewstep solver
+        scheduler.timesteps = scheduler.precondition_noise(scheduler.sigmas[:-1])
+        scheduler.convert_model_output = lambda model_output, sample: model_output  # we hand it D(x; sigma) itself
+        generators = None if noise is None else [torch.Generator().manual_seed(int(s) % 2**63) for s in noise.seeds]
+        ones = x.new_ones(len(x))
+        for t, sigma in zip(scheduler.timesteps, sigmas[:-1]):
+            x = scheduler.step(denoiser(x, sigma * ones), t, x, generator=generators).prev_sample
+        return x
+
+    return solve
 
 
 def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path, options: tuple[str, ...] = ()) -> dict:
@@ -261,7 +292,7 @@ def table_teacher(args, rows: Rows) -> list[str]:
     lines = [*fid_nfe_table(curves, args.nfe), ""]
     figure(curves, args.out / "teacher.png", "EDM teacher: fid_domain against NFE (mean ± std over training seeds)")
     lines += ["| claim | paper | ours | verdict |", "|---|---|---|---|"]
-    peers = {s: c for s, c in curves.items() if s in PEERS and c}
+    peers = {s: c for s, c in curves.items() if s in PEER_NAMES and c}
     if "seeds3" in curves and peers:
         peer, peer_nfe = min(((s, nfe) for s, c in peers.items() for nfe in c), key=lambda k: peers[k[0]][k[1]].mean)
         target = peers[peer][peer_nfe]
@@ -498,7 +529,7 @@ def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str, xlabel: s
             nfes = sorted(curve)
             ax.errorbar(nfes, [curve[n].mean for n in nfes], yerr=[curve[n].std if len(curve[n].per_seed) > 1 else 0
                         for n in nfes], marker="o", capsize=3, label=sampler, color=f"C{i % 10}",
-                        ls="--" if sampler in PEERS else "-")
+                        ls="--" if sampler in PEER_NAMES else "-")
     ax.set(xscale=xscale, yscale="log", xlabel=xlabel, ylabel="fid_domain", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
