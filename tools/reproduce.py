@@ -528,7 +528,7 @@ def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str, xlabel: s
         if curve:
             nfes = sorted(curve)
             ax.errorbar(nfes, [curve[n].mean for n in nfes], yerr=[curve[n].std if len(curve[n].per_seed) > 1 else 0
-                        for n in nfes], marker="o", capsize=3, label=sampler, color=f"C{i % 10}",
+                        for n in nfes], marker="o", capsize=3, label=sampler, color=plt.cm.tab20(i % 20),
                         ls="--" if sampler in PEER_NAMES else "-")
     ax.set(xscale=xscale, yscale="log", xlabel=xlabel, ylabel="fid_domain", title=title)
     ax.legend(fontsize=7)
