@@ -399,8 +399,7 @@ def table_gdd(args, rows: Rows) -> list[str]:
         teacher.train(seed)
         for level, run in runs.items():
             run.train(seed)
-            for ckpt in sorted(run.dir(seed).glob("checkpoints/step_*.ckpt")):  # one per validation (callbacks.model_checkpoint)
-                step = int(ckpt.stem.split("_")[1])
+            for step, ckpt in kept_checkpoints(run.dir(seed)).items():
                 steps.add(step)
                 rows.get(f"{gdd_label(level)} @ {step}", seed, ckpt, "euler", 1, args.n)
     edm = best_edm_teacher(args)
@@ -409,7 +408,7 @@ def table_gdd(args, rows: Rows) -> list[str]:
     (best_sampler, best_nfe), best = edm[:2], edm[3]
     steps = sorted(steps)
     batch = images_per_step(teacher.dir(args.seeds[0]))
-    teacher_steps = max(int(c.stem.split("_")[1]) for c in teacher.dir(args.seeds[0]).glob("checkpoints/step_*.ckpt"))
+    teacher_steps = max(kept_checkpoints(teacher.dir(args.seeds[0])))
     final, half = steps[-1], max([s for s in steps if s <= teacher_steps // 2], default=steps[0])
     lines = ["| model | " + " | ".join(f"{s * batch / 1000:g}k" for s in steps) + " | collapsed seeds |",
              "|---|" + "---|" * (len(steps) + 1)]
@@ -442,6 +441,11 @@ def table_gdd(args, rows: Rows) -> list[str]:
             lines.append(f"| {gdd_label(level)}: freezing does not cost FID, at the end | frozen is best | "
                          f"{frozen[final]} vs {gdd[final]} | {verdict(frozen[final], gdd[final])} |")
     return lines
+
+
+def kept_checkpoints(run: Path) -> dict[int, Path]:
+    """A run's checkpoints by training step: one per validation (callbacks.model_checkpoint, step_NNNNNNN.ckpt)."""
+    return {int(c.stem.split("_")[1]): c for c in sorted(run.glob("checkpoints/step_*.ckpt"))}
 
 
 def gdd_label(level: int) -> str:
