@@ -149,6 +149,15 @@ def test_endpoints_at_zero_take_the_teachers_denoising_jumps():
     off = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=4, teacher_steps=20, teacher_denoise=False)
     off.attach_teacher(teacher)
     torch.testing.assert_close(off.teacher_endpoint(x, t, None), x * (1 - lam / 20) ** 5)
+    # 100 -> 20 steps, the starts t = T - k D as the loss computes them: D = 0.05 is not a binary fraction, and
+    # the last interval ends at 1.5e-8 in float32, which once hid the jumps from the first stage's students
+    first = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=20, teacher_steps=100)
+    first.attach_teacher(teacher)
+    t = 1.0 - torch.arange(20).float() * (1.0 / 20)
+    x = torch.randn(20, 2)
+    factor = torch.full((20, 1), (1 - lam / 100) ** 5)
+    factor[19] *= (1 - 0.2 * lam) * (1 - 0.1 * lam)
+    torch.testing.assert_close(first.teacher_endpoint(x, t, None), x * factor)
 
 
 def test_final_denoising_jumps_count_in_the_nfe_budget():

@@ -48,6 +48,13 @@ def test_verdict_separates_real_differences_from_seed_noise():
     assert reproduce.verdict(stat(10, 14, 6), stat(11, 15, 7)) == "within noise"  # a 1-point gap inside 4-point seeds
 
 
+def test_verdict_of_one_seed_uses_the_sampling_spread_and_a_tie_is_not_met():
+    assert reproduce.verdict(reproduce.Stat([0.0], float("nan")), reproduce.Stat([0.0], float("nan"))) == "within noise"
+    ours, theirs = reproduce.Stat([10.0], 2.0), reproduce.Stat([12.0], 2.0)  # 2 points apart, noise 2 * 2 = 4
+    assert reproduce.verdict(ours, theirs) == "within noise"
+    assert reproduce.verdict(ours, reproduce.Stat([15.0], 2.0)) == "met"
+
+
 def test_verdict_applies_the_claims_factor_and_direction():
     teacher = stat(10, 10.1, 9.9)
     assert reproduce.verdict(stat(11, 11.1, 10.9), teacher, 1.15) == "met"  # 1.10x within "15% of the teacher"

@@ -76,6 +76,13 @@ class Stat:
     def std(self) -> float:
         return statistics.stdev(self.per_seed) if len(self.per_seed) > 1 else float("nan")
 
+    @property
+    def variance_of_mean(self) -> float:
+        """Over training seeds; for one seed, the sampling variance of its mean of two sample sets."""
+        if len(self.per_seed) > 1:
+            return self.std**2 / len(self.per_seed)
+        return self.spread**2 / 2
+
     def __str__(self) -> str:
         return f"{self.mean:.3g} ± {self.std:.2g}"
 
@@ -95,13 +102,14 @@ def verdict(ours: Stat, theirs: Stat, factor: float = 1.0, lower_is_better: bool
     """Is ``ours <= factor * theirs`` (or >= for a higher-is-better metric)? "met", "missed" or "within noise".
 
     Noise: twice the standard error of the difference of the means over training seeds (each seed's value already
-    carries the sampling spread); a difference inside it is not evidence either way.
+    carries the sampling spread); a difference inside it, ties included, is not evidence either way. A row of one
+    training seed has no seed spread: its sampling spread stands in (a lower bound on the noise).
     """
     sign = 1 if lower_is_better else -1
     diff = sign * (ours.mean - factor * theirs.mean)
-    variance = ours.std**2 / len(ours.per_seed) + (factor * theirs.std) ** 2 / len(theirs.per_seed)
+    variance = ours.variance_of_mean + factor**2 * theirs.variance_of_mean
     noise = 2 * math.sqrt(variance) if math.isfinite(variance) else 0.0
-    if diff <= -noise:
+    if diff < -noise:
         return "met"
     return "within noise" if diff <= noise else "missed"
 
@@ -313,6 +321,11 @@ def table_teacher(args, rows: Rows) -> list[str]:
     return lines
 
 
+# the rows of the students whose first stage missed the teacher's denoising jumps (the float test of t - D = 0 in
+# KacEndpoint.teacher_endpoint, fixed 2026-12-02): kept to show the fix on the same seeds, never retrained
+BEFORE_FIX = ", before the fix"
+
+
 def table_kac(args, rows: Rows) -> list[str]:
     teacher = Run("kac_teacher", lambda seed: method("kac_teacher", args.quick), args.out, args.extra)
     # one jump with the staged pipeline's teacher evaluations: steps x sum of (teacher steps / student steps)
@@ -342,7 +355,9 @@ def table_kac(args, rows: Rows) -> list[str]:
     lines = ["| model | NFE | fid_domain | sampling spread | / best teacher | dark fraction | / EDM teacher's |",
              "|---|---|---|---|---|---|---|"]
     models = [("teacher", "kac_euler", stages[0]), ("teacher", "kac_ab2", stages[0]), ("teacher, no jumps", "kac_euler", stages[0])]
-    for label, sampler, nfe in models + [("staged", "kac_euler", s) for s in stages[1:]] + [("one jump", "kac_euler", 1)]:
+    students = [(f"staged{when}", "kac_euler", s) for when in ("", BEFORE_FIX) for s in stages[1:]]
+    students += [(f"one jump{when}", "kac_euler", 1) for when in ("", BEFORE_FIX)]
+    for label, sampler, nfe in models + [m for m in students if rows.select(*m)]:
         s, dark = stat(rows.select(label, sampler, nfe)), stat(rows.select(label, sampler, nfe), "dark_fraction")
         lines.append(f"| {label} ({sampler}) | {nfe} | {s} | {s.spread:.2g} | {ratio(s, best)} | {dark} | "
                      f"{ratio(dark, edm[2]) if edm else ''} |")
@@ -351,6 +366,8 @@ def table_kac(args, rows: Rows) -> list[str]:
     figure({"Kac teacher (kac_euler)": {stages[0]: stat(rows.select("teacher", "kac_euler"))},
             "Kac teacher (kac_ab2)": {stages[0]: stat(rows.select("teacher", "kac_ab2"))},
             "staged DistillKac students": {s: stat(rows.select("staged", nfe=s)) for s in stages[1:]},
+            f"staged{BEFORE_FIX}": {s: stat(rows.select(f"staged{BEFORE_FIX}", nfe=s)) for s in stages[1:]
+                                    if rows.select(f"staged{BEFORE_FIX}", nfe=s)},
             "one jump": {1: stat(rows.select("one jump"))}},
            args.out / "kac.png", "DistillKac: fid_domain against NFE (mean ± std over training seeds)")
     four, one = stat(rows.select("staged", nfe=4)), stat(rows.select("staged", nfe=1))
@@ -365,6 +382,12 @@ def table_kac(args, rows: Rows) -> list[str]:
         f"| the denoising jumps: fid_domain unchanged or better (issue 17) | no worse | {euler} vs {bare} without | "
         f"{verdict(euler, bare)} |",
     ]
+    for nfe in (stages[1], 4, 1):
+        before, after = (rows.select(label, "kac_euler", nfe) for label in (f"staged{BEFORE_FIX}", "staged"))
+        if before and after:
+            lines.append(f"| the {nfe}-step student's dark fraction, before -> after the first stage's jump targets "
+                         f"(issue 17) | lower | {stat(before, 'dark_fraction')} -> {stat(after, 'dark_fraction')} | "
+                         f"{verdict(stat(after, 'dark_fraction'), stat(before, 'dark_fraction'))} |")
     if edm:
         for label, nfe in (("teacher", stages[0]), ("staged", 4), ("staged", 1)):
             dark = stat(rows.select(label, "kac_euler", nfe), "dark_fraction")
@@ -468,34 +491,56 @@ def images_per_step(run: Path) -> int:
     return int(OmegaConf.load(run / ".hydra" / "config.yaml").data.batch_size)
 
 
+DDIL_VARIANTS = {  # label prefix -> overrides; the last two only for the 4-step students (DDIL's regression there)
+    "": ["ddil=none"],
+    "ddil_": ["ddil=default"],
+    "ddil_fresh_": ["ddil=default", "ddil.buffer.refresh_every=10"],  # 10x the rollouts, each at most 10 steps old
+    "ddil_noreflect_": ["ddil=default", "ddil.reflect=false"],
+}
+STUDENT_STEPS = (1, 2, 4)
+
+
+def student_runs(args) -> dict[str, tuple[Run, list[tuple[str | None, str, int]]]]:
+    """Each students-table run by label, with its evaluations (stage or None, sampler, steps).
+
+    Progressive's rounds give the 1-, 2- and 4-step students of one run, consistency samples its one model at
+    each; DMD2 trains one generator per step count.
+    """
+    teacher = teacher_runs(args)
+    bases = {  # name -> (training overrides, evaluations)
+        "progressive": (method("progressive", args.quick), [(str(k), "euler", k) for k in STUDENT_STEPS]),
+        "consistency": (method("consistency", args.quick), [(None, "consistency", k) for k in STUDENT_STEPS]),
+        **{f"dmd2_{k}": ([*method("dmd2", args.quick), f"method.student_steps={k}"], [(None, "consistency", k)])
+           for k in STUDENT_STEPS},
+    }
+    runs = {}
+    for prefix, ddil in DDIL_VARIANTS.items():  # every base without DDIL first, then with it, then the variants
+        for base, (options, evaluations) in bases.items():
+            if prefix in ("", "ddil_") or base in ("progressive", "dmd2_4"):
+                run = Run(prefix + base, lambda seed, o=options, d=ddil: [*o, *d, f"teacher.ckpt={teacher.ckpt(seed)}"],
+                          args.out, args.extra)
+                runs[prefix + base] = (run, evaluations)
+    return runs
+
+
+def student_label(name: str) -> str:
+    """The row label of a run: DMD2's runs per step count share one (``dmd2_4`` -> ``dmd2``)."""
+    return re.sub(r"^(.*dmd2)_\d+$", r"\1", name)
+
+
 def table_students(args, rows: Rows) -> list[str]:
     teacher = teacher_runs(args)
-    bases = {"progressive": method("progressive", args.quick), "consistency": method("consistency", args.quick),
-             **{f"dmd2_{k}": [*method("dmd2", args.quick), f"method.student_steps={k}"] for k in (1, 2)}}
-    runs = {}
-    for base, options in bases.items():
-        for ddil in ("none", "default"):
-            name = base if ddil == "none" else f"ddil_{base}"
-            runs[name] = Run(name, lambda seed, o=options, d=ddil: [*o, f"ddil={d}", f"teacher.ckpt={teacher.ckpt(seed)}"],
-                             args.out, args.extra)
-    jobs = []  # (label, run, stage, sampler, steps)
-    for name, run in runs.items():
-        if "progressive" in name:
-            jobs += [(name, run, str(k), "euler", k) for k in (1, 2)]
-        elif "consistency" in name:
-            jobs += [(name, run, None, "consistency", k) for k in (1, 2)]
-        else:
-            k = int(name[-1])
-            jobs.append((name.rsplit("_", 1)[0], run, None, "consistency", k))
+    runs = student_runs(args)
     for seed in args.seeds:
         teacher.train(seed)
-        for label, run, stage, sampler, steps in jobs:
+        for name, (run, evaluations) in runs.items():
             run.train(seed)
-            rows.get(label, seed, run.ckpt(seed, stage), sampler, steps, args.n)
+            for stage, sampler, steps in evaluations:
+                rows.get(student_label(name), seed, run.ckpt(seed, stage), sampler, steps, args.n)
     lines = ["| student | steps | fid_domain | recall | with DDIL: fid_domain | recall | verdict (FID or recall) |",
              "|---|---|---|---|---|---|---|"]
     for base in ("progressive", "consistency", "dmd2"):
-        for k in (1, 2):
+        for k in STUDENT_STEPS:
             plain, ddil = rows.select(base, nfe=k), rows.select(f"ddil_{base}", nfe=k)
             if not plain or not ddil:
                 continue
@@ -505,6 +550,24 @@ def table_students(args, rows: Rows) -> list[str]:
                                                             "within noise")
             lines.append(f"| {base} | {k} | {stat(plain)} | {stat(plain, 'recall')} | {stat(ddil)} | "
                          f"{stat(ddil, 'recall')} | {overall} (FID {fid}, recall {recall}) |")
+    lines += ["", "DDIL's 4-step regression: the buffer's refresh and the reflection, one at a time.", "",
+              "| student, 4 steps | DDIL | fid_domain | recall | dark fraction | FID against no DDIL |",
+              "|---|---|---|---|---|---|"]
+    for base in ("progressive", "dmd2"):
+        plain = rows.select(base, nfe=4)
+        for prefix, what in (("", "none"), ("ddil_", "default (refresh every 100 steps)"),
+                             ("ddil_fresh_", "refresh every 10 steps"), ("ddil_noreflect_", "no reflection")):
+            selected = rows.select(prefix + base, nfe=4)
+            if selected:
+                against = verdict(stat(selected), stat(plain)) if prefix and plain else ""
+                lines.append(f"| {base} | {what} | {stat(selected)} | {stat(selected, 'recall')} | "
+                             f"{stat(selected, 'dark_fraction')} | {against} |")
+    curves = {f"{prefix}{base}": {k: stat(rows.select(prefix + base, nfe=k)) for k in STUDENT_STEPS
+                                  if rows.select(prefix + base, nfe=k)}
+              for base in ("progressive", "consistency", "dmd2") for prefix in ("", "ddil_")}
+    if any(curves.values()):
+        figure(curves, args.out / "students.png", "Students: fid_domain against steps (mean ± std over training seeds)",
+               xlabel="student steps")
     return lines
 
 

@@ -75,13 +75,16 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
         n_sub = self.hparams.teacher_steps // self.hparams.student_steps
         step = self.hparams.T / self.hparams.student_steps / n_sub
         ts = t[None, :] - step * torch.arange(n_sub + 1, device=t.device, dtype=t.dtype)[:, None]
+        # intervals that end at t = 0 (the teacher's sample, denoised below): t = T - k D is rounded in floating
+        # point (1 - 19 * 0.05 - 0.05 = 1.5e-8 in float32), so they are found to half a sub-step and end at 0 exactly
+        last = ts[-1] < step / 2
+        ts[-1] = torch.where(last, torch.zeros_like(ts[-1]), ts[-1])
 
         def velocity(x_, t_):
             return self.teacher.velocity(x_, t_, class_labels)
 
         x_end = KAC_SOLVERS[self.hparams.teacher_sampler].fn(velocity, x, ts)
         times = getattr(self.teacher, "denoise_times", ()) if self.hparams.get("teacher_denoise", True) else ()
-        last = ts[-1] <= 1e-9 * self.hparams.T  # intervals that end at t = 0: the teacher's sample, denoised
         if times and bool(last.any()):
             labels = None if class_labels is None else class_labels[last]
 
