@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 TABLES = ("teacher", "kac", "gdd", "students")
 ODE = ("euler", "heun", "dpmpp_2m")
@@ -360,9 +361,9 @@ def table_kac(args, rows: Rows) -> list[str]:
     for label, sampler, nfe in models + [m for m in students if rows.select(*m)]:
         s, dark = stat(rows.select(label, sampler, nfe)), stat(rows.select(label, sampler, nfe), "dark_fraction")
         lines.append(f"| {label} ({sampler}) | {nfe} | {s} | {s.spread:.2g} | {ratio(s, best)} | {dark} | "
-                     f"{ratio(dark, edm[2]) if edm else ''} |")
+                     f"{ratio(dark, edm.dark) if edm else ''} |")
     if edm:
-        lines.append(f"| EDM teacher ({edm[0]}) | {edm[1]} | {edm[3]} | {edm[3].spread:.2g} | | {edm[2]} | 1.00 |")
+        lines.append(f"| EDM teacher ({edm.sampler}) | {edm.nfe} | {edm.fid} | {edm.fid.spread:.2g} | | {edm.dark} | 1.00 |")
     figure({"Kac teacher (kac_euler)": {stages[0]: stat(rows.select("teacher", "kac_euler"))},
             "Kac teacher (kac_ab2)": {stages[0]: stat(rows.select("teacher", "kac_ab2"))},
             "staged DistillKac students": {s: stat(rows.select("staged", nfe=s)) for s in stages[1:]},
@@ -392,7 +393,7 @@ def table_kac(args, rows: Rows) -> list[str]:
         for label, nfe in (("teacher", stages[0]), ("staged", 4), ("staged", 1)):
             dark = stat(rows.select(label, "kac_euler", nfe), "dark_fraction")
             lines.append(f"| Kac {label} ({nfe} NFE): dark fraction within 1.5x of the EDM teacher's (issue 17) | "
-                         f"<= 1.5x | {dark} vs {edm[2]} ({ratio(dark, edm[2])}x) | {verdict(dark, edm[2], 1.5)} |")
+                         f"<= 1.5x | {dark} vs {edm.dark} ({ratio(dark, edm.dark)}x) | {verdict(dark, edm.dark, 1.5)} |")
     return lines
 
 
@@ -400,15 +401,24 @@ def ratio(ours: Stat, theirs: Stat) -> str:
     return f"{ours.mean / theirs.mean:.2f}" if theirs.mean else "n/a"
 
 
-def best_edm_teacher(args) -> tuple[str, int, Stat, Stat] | None:
-    """The EDM teacher's best (sampler, NFE <= 35) by fid_domain in the teacher table: sampler, NFE, dark fraction, FID."""
+class BestCell(NamedTuple):
+    """The EDM teacher's best cell of the teacher table."""
+
+    sampler: str
+    nfe: int
+    dark: Stat  # its dark-pixel fraction
+    fid: Stat
+
+
+def best_edm_teacher(args) -> BestCell | None:
+    """The EDM teacher's best (sampler, NFE <= 35) by fid_domain in the teacher table."""
     teacher = Rows(args.out / "teacher.json", args.seeds)
     options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher.select("teacher") if r["nfe_budget"] <= 35}
     options = {k for k in options if len(teacher.select("teacher", *k)) == len(args.seeds)}
     if not options:
         return None
     key = min(options, key=lambda k: stat(teacher.select("teacher", *k)).mean)
-    return (*key, stat(teacher.select("teacher", *key), "dark_fraction"), stat(teacher.select("teacher", *key)))
+    return BestCell(*key, stat(teacher.select("teacher", *key), "dark_fraction"), stat(teacher.select("teacher", *key)))
 
 
 def table_gdd(args, rows: Rows) -> list[str]:
@@ -428,7 +438,7 @@ def table_gdd(args, rows: Rows) -> list[str]:
     edm = best_edm_teacher(args)
     if edm is None:
         raise SystemExit(f"no teacher rows in {args.out / 'teacher.json'}: run `python tools/reproduce.py teacher` first")
-    (best_sampler, best_nfe), best = edm[:2], edm[3]
+    best_sampler, best_nfe, _, best = edm
     steps = sorted(steps)
     batch = images_per_step(teacher.dir(args.seeds[0]))
     teacher_steps = max(kept_checkpoints(teacher.dir(args.seeds[0])))
@@ -445,8 +455,9 @@ def table_gdd(args, rows: Rows) -> list[str]:
     figure({label: {s * batch / 1000: v for s, v in curve.items()} for label, curve in curves.items()},
            args.out / "gdd.png", "GDD: one-step fid_domain against training images (mean ± std over training seeds)",
            xlabel="training images (thousands)", xscale="linear")
-    lines += [f"| teacher, best sampler ({best_sampler}, {best_nfe} NFE), {teacher_steps * batch / 1000:g}k images | {best} "
-              f"| | sampling spread {best.spread:.2g} |", "",
+    at = min(steps, key=lambda s: abs(s - teacher_steps))  # the teacher's value in the column of the images it saw
+    lines += [f"| teacher, best sampler ({best_sampler}, {best_nfe} NFE), {teacher_steps * batch / 1000:g}k images | "
+              + " | ".join(str(best) if s == at else "" for s in steps) + f" | sampling spread {best.spread:.2g} |", "",
               "One-step fid_domain (EMA weights) against the training images seen, mean ± std over training seeds. A seed "
               "has collapsed when a later checkpoint scores more than twice its best.", "",
               "| claim | paper | ours | verdict |", "|---|---|---|---|"]
