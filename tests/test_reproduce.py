@@ -92,6 +92,11 @@ def test_parallel_writers_keep_each_others_rows(tmp_path, monkeypatch):
     first.get("teacher", 0, Path("a.ckpt"), "heun", 8, 10)
     saved = json.loads((tmp_path / "t.json").read_text())
     assert sorted((r["train_seed"], r["nfe_budget"]) for r in saved) == [(0, 4), (0, 8), (1, 4)]
+    # two processes that evaluate the same row: the file keeps one, so no seed counts twice in a table
+    second.get("teacher", 0, Path("a.ckpt"), "heun", 16, 10)
+    first.get("teacher", 0, Path("a.ckpt"), "heun", 16, 10)  # first read the file before second saved it
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert sorted((r["train_seed"], r["nfe_budget"]) for r in saved) == [(0, 4), (0, 8), (0, 16), (1, 4)]
 
 
 def test_a_seed_process_gets_the_command_less_seeds_and_jobs():

@@ -230,6 +230,9 @@ def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path, options:
     return evaluate(cfg)
 
 
+ROW_KEY = ("label", "train_seed", "sampler_name", "nfe_budget", "n")
+
+
 class Rows:
     """Every evaluated row of a table, saved after each one so that an interrupted table resumes."""
 
@@ -239,20 +242,26 @@ class Rows:
 
     def get(self, label: str, seed: int, ckpt: Path, sampler: str, nfe: int, n: int, options: tuple[str, ...] = ()) -> dict:
         """The row of (label, seed, sampler, nfe, n), evaluated now if not saved; ``options`` are sampler options."""
-        key = {"label": label, "train_seed": seed, "sampler_name": sampler, "nfe_budget": nfe, "n": n}
-        for row in self.rows:
-            if all(row.get(k) == v for k, v in key.items()):
-                return row
+        key = dict(zip(ROW_KEY, (label, seed, sampler, nfe, n)))
+        row = self.find(key)
+        if row is not None:
+            return row
         out = self.path.parent / "eval" / self.path.stem / re.sub(r"[^\w.-]+", "_", f"{label}_{sampler}_{nfe}_seed{seed}")
         row = {**evaluate_row(ckpt, sampler, nfe, n, out, options), **key}
         self.save(row)
         return row
 
+    def find(self, key: dict) -> dict | None:
+        return next((row for row in self.rows if all(row.get(k) == v for k, v in key.items())), None)
+
     def save(self, row: dict) -> None:
-        """Add a row to the file under a lock: the seeds of a table may run as parallel processes (--jobs)."""
+        """Add a row to the file under a lock: the seeds of a table may run as parallel processes (--jobs). A row
+        that another process saved meanwhile under the same key is kept, and this one dropped."""
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.rows = json.loads(self.path.read_text()) if self.path.is_file() else []
+            if self.find({k: row[k] for k in ROW_KEY}) is not None:
+                return
             self.rows.append(row)
             temporary = self.path.with_suffix(".tmp")
             temporary.write_text(json.dumps(self.rows, indent=1))
