@@ -157,3 +157,15 @@ def test_the_diffusers_peer_samples_a_gaussian_per_image():
     assert abs(x.std().item() - s) < 0.03 and abs(x.mean().item()) < 0.02  # 8,000 values: std error about 0.004
     assert not torch.equal(draw(range(8), 35), draw(range(1, 9), 35))
     assert torch.equal(draw(range(8), 12)[4:], draw(range(4, 8), 12))
+
+
+def test_the_students_table_runs_ddil_variants_for_the_4_step_regression_only(tmp_path):
+    args = reproduce.parse_args(["students", "--quick", "--out", str(tmp_path)])
+    runs = reproduce.student_runs(args)
+    assert [n for n in runs if "fresh" in n or "noreflect" in n] == [
+        "ddil_fresh_progressive", "ddil_fresh_dmd2_4", "ddil_noreflect_progressive", "ddil_noreflect_dmd2_4"]
+    assert runs["ddil_noreflect_dmd2_4"][0].overrides(0)[-3:-1] == ["ddil=default", "ddil.reflect=false"]
+    assert [reproduce.student_label(n) for n in ("dmd2_4", "ddil_fresh_dmd2_4", "progressive")] == [
+        "dmd2", "ddil_fresh_dmd2", "progressive"]
+    with pytest.raises(SystemExit, match="--only dmd2_3: not a students-table run"):
+        reproduce.main(["students", "--quick", "--only", "dmd2_3", "--out", str(tmp_path)])

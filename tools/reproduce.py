@@ -559,6 +559,11 @@ def student_label(name: str) -> str:
 def table_students(args, rows: Rows) -> list[str]:
     teacher = teacher_runs(args)
     runs = student_runs(args)
+    if args.only:
+        unknown = sorted(set(args.only) - set(runs))
+        if unknown:
+            raise SystemExit(f"--only {unknown[0]}: not a students-table run; choose from {', '.join(runs)}")
+        runs = {name: value for name, value in runs.items() if name in args.only}
     for seed in args.seeds:
         teacher.train(seed)
         for name, (run, evaluations) in runs.items():
@@ -645,6 +650,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("docs/reproduction"))
     parser.add_argument("--set", dest="extra", action="append", default=[], help="an override for every training run")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny network, two steps, n = 16")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="students table: train and evaluate only these runs (e.g. ddil_noreflect_progressive)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train and evaluate this many seeds at once, each a process with cores/jobs threads")
     args = parser.parse_args(argv)
