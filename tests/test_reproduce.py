@@ -169,3 +169,9 @@ def test_the_students_table_runs_ddil_variants_for_the_4_step_regression_only(tm
         "dmd2", "ddil_fresh_dmd2", "progressive"]
     with pytest.raises(SystemExit, match="--only dmd2_3: not a students-table run"):
         reproduce.main(["students", "--quick", "--only", "dmd2_3", "--out", str(tmp_path)])
+
+
+def test_a_row_of_fewer_than_3_seeds_says_so():
+    assert str(reproduce.Stat([10.0, 12.0, 14.0], 1.0)) == "12 ± 2"
+    assert str(reproduce.Stat([10.0, 12.0], 1.0)) == "11 ± 1.4 (2 seeds)"
+    assert str(reproduce.Stat([10.0], 1.0)) == "10 (1 seed)"

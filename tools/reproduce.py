@@ -85,7 +85,10 @@ class Stat:
         return self.spread**2 / 2
 
     def __str__(self) -> str:
-        return f"{self.mean:.3g} ± {self.std:.2g}"
+        """mean ± std over seeds; a row of fewer than the protocol's 3 seeds says how many it has."""
+        n = len(self.per_seed)
+        text = f"{self.mean:.3g} ± {self.std:.2g}" if n > 1 else f"{self.mean:.3g}"
+        return text if n >= 3 else f"{text} ({n} seed{'s' if n > 1 else ''})"
 
 
 def stat(rows: list[dict], key: str = "value") -> Stat:
