@@ -112,7 +112,9 @@ def verdict(ours: Stat, theirs: Stat, factor: float = 1.0, lower_is_better: bool
     sign = 1 if lower_is_better else -1
     diff = sign * (ours.mean - factor * theirs.mean)
     variance = ours.variance_of_mean + factor**2 * theirs.variance_of_mean
-    noise = 2 * math.sqrt(variance) if math.isfinite(variance) else 0.0
+    if not math.isfinite(variance):  # one seed of a value without a sampling spread (recall): nothing to judge by
+        return "no verdict (one seed)"
+    noise = 2 * math.sqrt(variance)
     if diff < -noise:
         return "met"
     return "within noise" if diff <= noise else "missed"
@@ -522,11 +524,12 @@ def images_per_step(run: Path) -> int:
     return int(OmegaConf.load(run / ".hydra" / "config.yaml").data.batch_size)
 
 
-DDIL_VARIANTS = {  # label prefix -> overrides; the last two only for the 4-step students (DDIL's regression there)
+DDIL_VARIANTS = {  # label prefix -> overrides
     "": ["ddil=none"],
-    "ddil_": ["ddil=default"],
-    "ddil_fresh_": ["ddil=default", "ddil.buffer.refresh_every=10"],  # 10x the rollouts, each at most 10 steps old
-    "ddil_noreflect_": ["ddil=default", "ddil.reflect=false"],
+    "ddil_": ["ddil=default", "ddil.reflect=true"],  # the paper's DDIL, with reflected diffusion
+    "ddil_noreflect_": ["ddil=default", "ddil.reflect=false"],  # fewstep's default since 2026-12-02
+    # the 4-step students only (DDIL's regression there): the paper's DDIL with 10x the rollouts, each <= 10 steps old
+    "ddil_fresh_": ["ddil=default", "ddil.reflect=true", "ddil.buffer.refresh_every=10"],
 }
 STUDENT_STEPS = (1, 2, 4)
 
@@ -547,11 +550,26 @@ def student_runs(args) -> dict[str, tuple[Run, list[tuple[str | None, str, int]]
     runs = {}
     for prefix, ddil in DDIL_VARIANTS.items():  # every base without DDIL first, then with it, then the variants
         for base, (options, evaluations) in bases.items():
-            if prefix in ("", "ddil_") or base in ("progressive", "dmd2_4"):
+            if prefix != "ddil_fresh_" or base in ("progressive", "dmd2_4"):
                 run = Run(prefix + base, lambda seed, o=options, d=ddil: [*o, *d, f"teacher.ckpt={teacher.ckpt(seed)}"],
                           args.out, args.extra)
                 runs[prefix + base] = (run, evaluations)
     return runs
+
+
+def same_seeds(ours: list[dict], theirs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Both row lists on the training seeds they share: a comparison of different seeds mixes in the seed spread."""
+    shared = {r["train_seed"] for r in ours} & {r["train_seed"] for r in theirs}
+    return [r for r in ours if r["train_seed"] in shared], [r for r in theirs if r["train_seed"] in shared]
+
+
+def ddil_verdict(ddil: list[dict], plain: list[dict]) -> str:
+    """DDIL's claim: better FID or better recall than the base method; "met" when either is, "missed" when both are
+    worse."""
+    fid = verdict(stat(ddil), stat(plain))
+    recall = verdict(stat(ddil, "recall"), stat(plain, "recall"), lower_is_better=False)
+    overall = "met" if "met" in (fid, recall) else "missed" if (fid, recall) == ("missed", "missed") else "within noise"
+    return f"{overall} (FID {fid}, recall {recall})"
 
 
 def student_label(name: str) -> str:
@@ -573,34 +591,31 @@ def table_students(args, rows: Rows) -> list[str]:
             run.train(seed)
             for stage, sampler, steps in evaluations:
                 rows.get(student_label(name), seed, run.ckpt(seed, stage), sampler, steps, args.n)
-    lines = ["| student | steps | fid_domain | recall | with DDIL: fid_domain | recall | verdict (FID or recall) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| student | steps | fid_domain | recall | DDIL | fid_domain | recall | DDIL better (FID or recall) |",
+             "|---|---|---|---|---|---|---|---|"]
     for base in ("progressive", "consistency", "dmd2"):
         for k in STUDENT_STEPS:
-            plain, ddil = rows.select(base, nfe=k), rows.select(f"ddil_{base}", nfe=k)
-            if not plain or not ddil:
-                continue
-            fid, recall = verdict(stat(ddil), stat(plain)), verdict(stat(ddil, "recall"), stat(plain, "recall"),
-                                                                       lower_is_better=False)
-            overall = "met" if "met" in (fid, recall) else ("missed" if (fid, recall) == ("missed", "missed") else
-                                                            "within noise")
-            lines.append(f"| {base} | {k} | {stat(plain)} | {stat(plain, 'recall')} | {stat(ddil)} | "
-                         f"{stat(ddil, 'recall')} | {overall} (FID {fid}, recall {recall}) |")
+            for prefix, what in (("ddil_", "the paper's (reflected)"), ("ddil_noreflect_", "without reflection")):
+                ddil, plain = same_seeds(rows.select(prefix + base, nfe=k), rows.select(base, nfe=k))
+                if plain and ddil:
+                    lines.append(f"| {base} | {k} | {stat(plain)} | {stat(plain, 'recall')} | {what} | {stat(ddil)} | "
+                                 f"{stat(ddil, 'recall')} | {ddil_verdict(ddil, plain)} |")
     lines += ["", "DDIL's 4-step regression: the buffer's refresh and the reflection, one at a time.", "",
-              "| student, 4 steps | DDIL | fid_domain | recall | dark fraction | FID against no DDIL |",
+              "| student, 4 steps | DDIL | fid_domain | recall | dark fraction | FID against no DDIL, same seeds |",
               "|---|---|---|---|---|---|"]
     for base in ("progressive", "dmd2"):
         plain = rows.select(base, nfe=4)
-        for prefix, what in (("", "none"), ("ddil_", "default (refresh every 100 steps)"),
-                             ("ddil_fresh_", "refresh every 10 steps"), ("ddil_noreflect_", "no reflection")):
+        for prefix, what in (("", "none"), ("ddil_", "the paper's: reflected, refresh every 100 steps"),
+                             ("ddil_fresh_", "reflected, refresh every 10 steps"), ("ddil_noreflect_", "no reflection")):
             selected = rows.select(prefix + base, nfe=4)
             if selected:
-                against = verdict(stat(selected), stat(plain)) if prefix and plain else ""
+                ours, theirs = same_seeds(selected, plain)
+                against = f"{verdict(stat(ours), stat(theirs))} ({stat(theirs)} without)" if prefix and theirs else ""
                 lines.append(f"| {base} | {what} | {stat(selected)} | {stat(selected, 'recall')} | "
                              f"{stat(selected, 'dark_fraction')} | {against} |")
     curves = {f"{prefix}{base}": {k: stat(rows.select(prefix + base, nfe=k)) for k in STUDENT_STEPS
                                   if rows.select(prefix + base, nfe=k)}
-              for base in ("progressive", "consistency", "dmd2") for prefix in ("", "ddil_")}
+              for base in ("progressive", "consistency", "dmd2") for prefix in ("", "ddil_", "ddil_noreflect_")}
     if any(curves.values()):
         figure(curves, args.out / "students.png", "Students: fid_domain against steps (mean ± std over training seeds)",
                xlabel="student steps")
