@@ -61,7 +61,9 @@ def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrup
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
     reached = read_checkpoint(latest_checkpoint(killed_dir / "checkpoints"))["global_step"]
-    assert 4 <= reached < 12  # killed mid-run
+    # killed mid-run; on a loaded machine the kill can land while step 4's file is still being written, and
+    # last.ckpt, which the run continues from, still holds step 2
+    assert 2 <= reached < 12
 
     resumed = subprocess.run(
         command(killed_dir, "resume=auto"), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300
