@@ -425,6 +425,10 @@ class BestCell(NamedTuple):
     dark: Stat  # its dark-pixel fraction
     fid: Stat
 
+    @classmethod
+    def of(cls, sampler: str, nfe: int, rows: list[dict]) -> BestCell:
+        return cls(sampler, nfe, stat(rows, "dark_fraction"), stat(rows))
+
 
 def best_edm_teacher(args) -> BestCell | None:
     """The EDM teacher's best (sampler, NFE <= 35) by fid_domain in the teacher table."""
@@ -434,7 +438,7 @@ def best_edm_teacher(args) -> BestCell | None:
     if not options:
         return None
     key = min(options, key=lambda k: stat(teacher.select("teacher", *k)).mean)
-    return BestCell(*key, stat(teacher.select("teacher", *key), "dark_fraction"), stat(teacher.select("teacher", *key)))
+    return BestCell.of(*key, teacher.select("teacher", *key))
 
 
 def table_gdd(args, rows: Rows) -> list[str]:
@@ -455,8 +459,7 @@ def table_gdd(args, rows: Rows) -> list[str]:
     if edm is None:  # no teacher table at this scale (another --out): EDM's stochastic sampler at 35 NFE stands in
         for seed in args.seeds:
             rows.get("teacher", seed, teacher.ckpt(seed), "edm_sde", 35, args.n)
-        selected = rows.select("teacher", "edm_sde", 35)
-        edm, which = BestCell("edm_sde", 35, stat(selected, "dark_fraction"), stat(selected)), "no teacher table"
+        edm, which = BestCell.of("edm_sde", 35, rows.select("teacher", "edm_sde", 35)), "no teacher table"
     best_sampler, best_nfe, _, best = edm
     steps = sorted(steps)
     batch = images_per_step(teacher.dir(args.seeds[0]))
