@@ -147,3 +147,7 @@ def test_the_dark_pixel_fraction_counts_faint_pixels_among_the_dark_ones():
     stats = dark_pixel_stats(images)
     assert stats["dark_fraction"] == pytest.approx(2 / 6)
     assert stats["dark_mean"] == pytest.approx((9 + 64 + 8) / 6) and stats["zero_fraction"] == pytest.approx(3 / 8)
+    # per image: the first has 1 faint pixel among 4 dark (0.25, not noisy), the second 2 among 3 (noisy)
+    batch = torch.tensor([[[0, 0, 0, 9]], [[64, 9, 255, 8]]], dtype=torch.uint8)
+    stats = dark_pixel_stats(batch)
+    assert stats["noisy_share"] == 0.5 and stats["dark_fraction"] == pytest.approx(3 / 7)

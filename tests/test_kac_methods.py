@@ -160,6 +160,24 @@ def test_endpoints_at_zero_take_the_teachers_denoising_jumps():
     torch.testing.assert_close(first.teacher_endpoint(x, t, None), x * factor)
 
 
+def test_rollouts_replace_the_last_intervals_states_with_the_students_own():
+    # issue 17: with u = mu x, the student's M - 1 Euler steps of size D from the prior give x_T (1 - D mu)^(M - 1);
+    # only samples drawn on the last interval (t = D) are replaced, so the mix of intervals is unchanged
+    student = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=4, teacher_steps=20, rollout_share=0.5)
+    mu = -0.4
+    object.__setattr__(student, "velocity", lambda x, t, y=None: mu * x)
+    t = 1.0 - torch.arange(4).repeat(64).float() / 4  # each start T - k D, k = 0..3
+    x_t = torch.randn(256, 2)
+    mixed = student.with_rollouts(x_t, t, None, BatchNoise(256, "cpu", torch.Generator().manual_seed(3)))
+    generator = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    rolled = (torch.rand(256, generator=generator) < 0.5) & (t == 0.25)
+    prior = student.path.prior((256, 2), generator)
+    torch.testing.assert_close(mixed, torch.where(rolled[:, None], prior * (1 - mu / 4) ** 3, x_t))
+    assert 20 < int(rolled.sum()) < 44  # about half of the 64 on the last interval
+    with pytest.raises(ConfigError, match="rollout_share=1.5"):
+        kac_model(KacEndpoint, student_steps=4, teacher_steps=20, rollout_share=1.5)
+
+
 def test_final_denoising_jumps_count_in_the_nfe_budget():
     teacher = kac_model()
     assert teacher.denoise_times == (0.2, 0.1, 0.05) and list(teacher.hparams.denoise) == [0.2, 0.1, 0.05]

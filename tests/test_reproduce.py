@@ -132,10 +132,11 @@ def test_the_kac_table_runs_its_seeds_in_parallel(tmp_path):
     reproduce.main(["kac", "--quick", "--seeds", "0", "1", "--jobs", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "kac.json").read_text())
     assert {r["train_seed"] for r in saved} == {0, 1}
-    assert {r["label"] for r in saved} == {"teacher", "teacher, no jumps", "staged", "one jump"}
-    assert all(0 <= r["dark_fraction"] <= 1 for r in saved)
+    assert {r["label"] for r in saved} == {"teacher", "teacher, no jumps", "staged", "staged, rollouts", "one jump"}
+    assert all(0 <= r["dark_fraction"] <= 1 and 0 <= r["noisy_share"] <= 1 for r in saved)
     text = (tmp_path / "kac.md").read_text()
-    assert "4-step student within 15%" in text and "denoising jumps" in text
+    assert "4-step student (staged, rollouts) within 15%" in text and "denoising jumps" in text
+    assert "noisy images, without -> with rollouts" in text
 
 
 def test_the_diffusers_peer_samples_a_gaussian_per_image():

@@ -14,7 +14,8 @@ The dark-pixel fraction needs no reference image: on the uint8 scale 0..255, amo
 most 64 (dark: background and the feet of strokes), the fraction above 8 (faint but visible, not
 black). MNIST's backgrounds are exactly 0, so on real images the fraction counts only the
 anti-aliased edges of strokes; a sampler that leaves a little noise on a black background raises it.
-The table also gives the mean of the dark pixels and the fraction of all pixels that are exactly 0.
+The table also gives the share of noisy images (over a quarter of their own dark pixels faint: no real digit),
+the mean of the dark pixels and the fraction of all pixels that are exactly 0.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fewstep.checkpoints import load_method
 from fewstep.evaluate import training_config
 from fewstep.generate import generate
 from fewstep.images import to_uint8
-from fewstep.metrics.diversity import DARK, FAINT, dark_pixel_stats
+from fewstep.metrics.diversity import DARK, FAINT, NOISY, dark_pixel_stats
 from fewstep.metrics.score import feature_extractor, reference_key, score
 
 
@@ -89,13 +90,14 @@ def main() -> None:
         })
         print(json.dumps(rows[-1]), flush=True)
     lines = [
-        f"| model | sampler | NFE | dark fraction (>{FAINT} among <={DARK}) | mean dark | exact zeros | fid_domain (n = {args.n}) |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | sampler | NFE | dark fraction (>{FAINT} among <={DARK}) | noisy images (own > {NOISY}) | mean dark | exact zeros "
+        f"| fid_domain (n = {args.n}) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fid_text = "" if r["fid_domain"] is None else f"{r['fid_domain']:.3g}"
         lines.append(
-            f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['dark_fraction']:.4f} | {r['dark_mean']:.2f} | "
+            f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['dark_fraction']:.4f} | {r['noisy_share']:.3f} | {r['dark_mean']:.2f} | "
             f"{r['zero_fraction']:.3f} | {fid_text} |"
         )
     table = "\n".join(lines) + "\n"

@@ -339,6 +339,16 @@ def table_teacher(args, rows: Rows) -> list[str]:
 # the rows of the staged students whose first stage missed the teacher's denoising jumps (the float test of
 # t - D = 0 in KacEndpoint.teacher_endpoint, fixed 2026-12-02): kept to show the fix on the same seeds
 BEFORE_FIX = ", before the fix"
+ROLLOUTS = ", rollouts"  # method.rollout_share: the last interval trained on the student's own states
+KAC_ROLLOUT_SHARE = 1.0
+# an earlier form of the rollouts (2026-12-02): 25% of each batch moved to the last interval, at the student's own
+# states; kept in kac.json, not produced by the command
+BATCH_ROLLOUTS = ", 25% of each batch rolled to the last interval"
+
+
+def noisy(rows: list[dict]) -> str:
+    """The share of noisy images (fewstep.metrics.diversity.NOISY), or blank for rows evaluated before it existed."""
+    return str(stat(rows, "noisy_share")) if rows and all("noisy_share" in r for r in rows) else ""
 
 
 def table_kac(args, rows: Rows) -> list[str]:
@@ -351,12 +361,16 @@ def table_kac(args, rows: Rows) -> list[str]:
         *method("kac_endpoint", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.stages=[{stages[0]},1]",
         f"method.steps_per_stage={jump_steps}", "method.ema_decay=0.9",
     ], args.out, args.extra)
-    staged = Run("kac_endpoint", lambda seed: [
-        *method("kac_endpoint", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.stages=[{','.join(map(str, stages))}]",
-        f"method.steps_per_stage={per_stage}",
-    ], args.out, args.extra)
+    def staged_run(name: str, share: float) -> Run:
+        return Run(name, lambda seed: [
+            *method("kac_endpoint", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}",
+            f"method.stages=[{','.join(map(str, stages))}]", f"method.steps_per_stage={per_stage}",
+            f"method.rollout_share={share}",
+        ], args.out, args.extra)
+
+    staged, rolled = staged_run("kac_endpoint", 0.0), staged_run("kac_endpoint_rollouts", KAC_ROLLOUT_SHARE)
     for seed in args.seeds:
-        for run in (teacher, staged, direct):
+        for run in (teacher, staged, rolled, direct):
             run.train(seed)
         for sampler in ("kac_euler", "kac_ab2"):
             rows.get("teacher", seed, teacher.ckpt(seed), sampler, stages[0], args.n)
@@ -364,34 +378,38 @@ def table_kac(args, rows: Rows) -> list[str]:
         rows.get("teacher, no jumps", seed, teacher.ckpt(seed), "kac_euler", stages[0], args.n, ("denoise=[]",))
         for steps in stages[1:]:
             rows.get("staged", seed, staged.ckpt(seed, str(steps)), "kac_euler", steps, args.n)
+            rows.get(f"staged{ROLLOUTS}", seed, rolled.ckpt(seed, str(steps)), "kac_euler", steps, args.n)
         rows.get("one jump", seed, direct.ckpt(seed, "1"), "kac_euler", 1, args.n)
     best = min((stat(rows.select("teacher", s)) for s in ("kac_euler", "kac_ab2")), key=lambda s: s.mean)
     edm = best_edm_teacher(args)
-    lines = ["| model | NFE | fid_domain | sampling spread | / best teacher | dark fraction | / EDM teacher's |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | NFE | fid_domain | sampling spread | / best teacher | dark fraction | / EDM teacher's | noisy images |",
+             "|---|---|---|---|---|---|---|---|"]
     models = [("teacher", "kac_euler", stages[0]), ("teacher", "kac_ab2", stages[0]), ("teacher, no jumps", "kac_euler", stages[0])]
-    students = [(f"staged{when}", "kac_euler", s) for when in ("", BEFORE_FIX) for s in stages[1:]]
+    students = [(f"staged{when}", "kac_euler", s) for when in (ROLLOUTS, "", BATCH_ROLLOUTS, BEFORE_FIX) for s in stages[1:]]
     students.append(("one jump", "kac_euler", 1))  # its interval ends at exactly 0: the fix left it unchanged
     for label, sampler, nfe in models + [m for m in students if rows.select(*m)]:
         s, dark = stat(rows.select(label, sampler, nfe)), stat(rows.select(label, sampler, nfe), "dark_fraction")
         lines.append(f"| {label} ({sampler}) | {nfe} | {s} | {s.spread:.2g} | {ratio(s, best)} | {dark} | "
-                     f"{ratio(dark, edm.dark) if edm else ''} |")
+                     f"{ratio(dark, edm.dark) if edm else ''} | {noisy(rows.select(label, sampler, nfe))} |")
     if edm:
-        lines.append(f"| EDM teacher ({edm.sampler}) | {edm.nfe} | {edm.fid} | {edm.fid.spread:.2g} | | {edm.dark} | 1.00 |")
+        lines.append(f"| EDM teacher ({edm.sampler}) | {edm.nfe} | {edm.fid} | {edm.fid.spread:.2g} | | {edm.dark} | 1.00 | |")
     figure({"Kac teacher (kac_euler)": {stages[0]: stat(rows.select("teacher", "kac_euler"))},
             "Kac teacher (kac_ab2)": {stages[0]: stat(rows.select("teacher", "kac_ab2"))},
             "staged DistillKac students": {s: stat(rows.select("staged", nfe=s)) for s in stages[1:]},
+            f"staged{ROLLOUTS}": {s: stat(rows.select(f"staged{ROLLOUTS}", nfe=s)) for s in stages[1:]
+                                  if rows.select(f"staged{ROLLOUTS}", nfe=s)},
             f"staged{BEFORE_FIX}": {s: stat(rows.select(f"staged{BEFORE_FIX}", nfe=s)) for s in stages[1:]
                                     if rows.select(f"staged{BEFORE_FIX}", nfe=s)},
             "one jump": {1: stat(rows.select("one jump"))}},
            args.out / "kac.png", "DistillKac: fid_domain against NFE (mean ± std over training seeds)")
-    four, one = stat(rows.select("staged", nfe=4)), stat(rows.select("staged", nfe=1))
+    final = f"staged{ROLLOUTS}" if rows.select(f"staged{ROLLOUTS}") else "staged"  # the default's students
+    four, one = stat(rows.select(final, nfe=4)), stat(rows.select(final, nfe=1))
     jump = stat(rows.select("one jump"))
     euler, bare = stat(rows.select("teacher", "kac_euler")), stat(rows.select("teacher, no jumps"))
     lines += [
         "", "| claim | paper | ours | verdict |", "|---|---|---|---|",
-        f"| 4-step student within 15% of the teacher | 1.16x | {ratio(four, best)}x | {verdict(four, best, 1.15)} |",
-        f"| 1-step student within 2x of the teacher | 1.58x | {ratio(one, best)}x | {verdict(one, best, 2.0)} |",
+        f"| 4-step student ({final}) within 15% of the teacher | 1.16x | {ratio(four, best)}x | {verdict(four, best, 1.15)} |",
+        f"| 1-step student ({final}) within 2x of the teacher | 1.58x | {ratio(one, best)}x | {verdict(one, best, 2.0)} |",
         f"| staged better than one jump at equal teacher evaluations ({jump_steps} steps) | better | {one} vs {jump} | "
         f"{verdict(one, jump)} |",
         f"| the denoising jumps: fid_domain unchanged or better (issue 17) | no worse | {euler} vs {bare} without | "
@@ -405,8 +423,16 @@ def table_kac(args, rows: Rows) -> list[str]:
                          f"{verdict(stat(after, 'dark_fraction'), stat(before, 'dark_fraction'))} |")
             lines.append(f"| the {nfe}-step student's fid_domain, before -> after (issue 17) | no worse | "
                          f"{stat(before)} -> {stat(after)} | {verdict(stat(after), stat(before))} |")
+    for nfe in (stages[1], 4, 1):
+        before, after = (rows.select(label, "kac_euler", nfe) for label in ("staged", f"staged{ROLLOUTS}"))
+        if before and after and all("noisy_share" in r for r in before + after):
+            lines.append(f"| the {nfe}-step student's noisy images, without -> with rollouts on its last interval "
+                         f"(issue 17) | lower | {noisy(before)} -> {noisy(after)} | "
+                         f"{verdict(stat(after, 'noisy_share'), stat(before, 'noisy_share'))} |")
+            lines.append(f"| the {nfe}-step student's fid_domain, without -> with rollouts (issue 17) | no worse | "
+                         f"{stat(before)} -> {stat(after)} | {verdict(stat(after), stat(before))} |")
     if edm:
-        for label, nfe in (("teacher", stages[0]), ("staged", 4), ("staged", 1)):
+        for label, nfe in (("teacher", stages[0]), (final, 4), (final, 1)):
             dark = stat(rows.select(label, "kac_euler", nfe), "dark_fraction")
             lines.append(f"| Kac {label} ({nfe} NFE): dark fraction within 1.5x of the EDM teacher's (issue 17) | "
                          f"<= 1.5x | {dark} vs {edm.dark} ({ratio(dark, edm.dark)}x) | {verdict(dark, edm.dark, 1.5)} |")
