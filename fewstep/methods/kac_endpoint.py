@@ -42,7 +42,7 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
         )
         check_stages([teacher_steps, student_steps])
         if not 0 <= rollout_share <= 1:
-            raise ConfigError(f"rollout_share={rollout_share}: the share of student rollouts is in [0, 1], e.g. 0.25")
+            raise ConfigError(f"rollout_share={rollout_share}: the share of student rollouts is in [0, 1] (1 all, 0 none)")
         if teacher_sampler not in KAC_SOLVERS:
             raise ConfigError(
                 f"teacher sampler '{teacher_sampler}' cannot integrate a Kac flow: use one of {', '.join(sorted(KAC_SOLVERS))}"
