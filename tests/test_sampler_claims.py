@@ -120,3 +120,25 @@ def test_seeds2_weights_agree_as_the_step_shrinks():
         gaps.append((sample_seeds2(mixture.denoiser, x, grid, noise=ZeroNoise())
                      - sample_seeds2(mixture.denoiser, x, grid, noise=ZeroNoise(), weights="phi1")).abs().max().item())
     assert all(1.6 < s < 2.4 for s in slopes(gaps)), gaps
+
+
+def test_the_kdiffusion_peer_leaves_a_package_that_others_can_still_find(monkeypatch):
+    """tools/bench_mixture.py imports k_diffusion.sampling without the package's __init__. The package it leaves in
+    sys.modules must keep its spec: diffusers' import calls find_spec("k_diffusion") and failed after it."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("k_diffusion") is None:
+        pytest.skip("k-diffusion is not installed")
+    for name in [m for m in sys.modules if m == "k_diffusion" or m.startswith("k_diffusion.")]:
+        monkeypatch.delitem(sys.modules, name)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_mixture.py"
+    spec = importlib.util.spec_from_file_location("bench_mixture_peer_check", tool)
+    bench_mixture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_mixture)
+    sampling = bench_mixture.import_kdiffusion_sampling()
+    assert sampling is not None and hasattr(sampling, "sample_dpmpp_2m_sde")
+    assert importlib.util.find_spec("k_diffusion") is not None
+    for name in [m for m in sys.modules if m == "k_diffusion" or m.startswith("k_diffusion.")]:
+        del sys.modules[name]  # not restored: later tests import the package whole, as users do

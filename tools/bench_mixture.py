@@ -35,7 +35,6 @@ import math
 import platform
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -164,10 +163,8 @@ def import_kdiffusion_sampling():
     if spec is None:
         print("bench_mixture: k-diffusion is not installed; the peer rows are left out", flush=True)
         return None
-    if "k_diffusion" not in sys.modules:
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["k_diffusion"] = package
+    if "k_diffusion" not in sys.modules:  # the package from its own spec, its __init__ not run: others find it intact
+        sys.modules["k_diffusion"] = importlib.util.module_from_spec(spec)
     try:
         return importlib.import_module("k_diffusion.sampling")
     except ImportError as error:
