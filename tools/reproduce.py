@@ -764,6 +764,11 @@ def main(argv: list[str] | None = None) -> None:
         text = "\n".join(header + lines) + "\n"
         (args.out / f"{table}.md").write_text(text)
         print(text)
+        others = sorted({r["train_seed"] for r in rows.rows} - set(args.seeds))
+        if others:
+            print(f"{table}.md summarises seeds {args.seeds} only; {table}.json also holds seeds {others}: run "
+                  f"`python tools/reproduce.py {table} --seeds {' '.join(map(str, sorted({*args.seeds, *others})))}` "
+                  "(saved rows are not evaluated again) for the table over all of them", flush=True)
 
 
 if __name__ == "__main__":
