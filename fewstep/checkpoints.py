@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fewstep.errors import CheckpointError
+from fewstep.errors import CheckpointError, ConfigError
 
 
 def read_checkpoint(path: str | Path, mmap: bool = True) -> dict:
@@ -152,20 +152,28 @@ def check_compatible(checkpoint: dict, method, path: str | Path) -> None:
         )
 
 
-def load_method(path: str | Path, map_location: str | torch.device = "cpu"):
+WEIGHTS = ("ema", "raw")
+
+
+def load_method(path: str | Path, map_location: str | torch.device = "cpu", weights: str = "ema"):
     """The model stored at ``path``, whose ``denoiser(x, sigma, class_labels=None)`` is the file's D.
 
-    A fewstep checkpoint rebuilds its method (with the EMA weights, which Lightning saves as state_dict); an EDM
-    network pickle (``.pkl``, or its ``.pt``/``.pth`` state-dict file) or a diffusers folder becomes an EDMTeacher
-    around fewstep's implementation of that network, so that it samples, evaluates and teaches like a fewstep run.
+    A fewstep checkpoint rebuilds its method: with ``weights`` ema, the EMA weights (which Lightning saves as
+    state_dict); with raw, the trained weights themselves (its ``current_model_state``; a run without EMA has only
+    those). An EDM network pickle (``.pkl``, or its ``.pt``/``.pth`` state-dict file) or a diffusers folder becomes
+    an EDMTeacher around fewstep's implementation of that network, so that it samples, evaluates and teaches like a
+    fewstep run.
     """
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights}: choose ema (the EMA average, the default) or raw (the trained weights)")
     path = Path(path)
     if path.is_dir() or path.suffix in EDM_SUFFIXES:
         return load_external(path).to(map_location).eval()
     checkpoint = read_checkpoint(path)
     cls = method_class(checkpoint)
     method = cls(**checkpoint["hyper_parameters"])
-    method.load_state_dict(checkpoint["state_dict"])
+    state = checkpoint.get("current_model_state") if weights == "raw" else None
+    method.load_state_dict(checkpoint["state_dict"] if state is None else state)
     return method.to(map_location).eval()
 
 

@@ -21,7 +21,7 @@ from fewstep.images import save_grid, to_uint8
 def sample_checkpoint(cfg: DictConfig) -> dict:
     if cfg.n < 1:
         raise ConfigError(f"n={cfg.n}: ask for at least one sample (n>=1)")
-    method = load_method(cfg.ckpt, map_location=resolve_device(cfg.device))
+    method = load_method(cfg.ckpt, map_location=resolve_device(cfg.device), weights=cfg.get("weights", "ema"))
     if cfg.guidance and not method.num_classes:
         raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
     start = time.perf_counter()

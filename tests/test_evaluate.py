@@ -69,6 +69,7 @@ def test_standard_fid_row(tiny_checkpoint, tmp_path):
         (["metric=is"], "unknown metric 'is': choose one of fid, fid_domain, kid"),
         (["data_config=/nonexistent/config.yaml"], "no training config at '/nonexistent/config.yaml'"),
         (["n=0"], "n=0: ask for at least one image"),
+        (["weights=last"], "weights=last: choose ema"),
     ],
 )
 def test_evaluate_errors_are_one_line(tiny_checkpoint, args, expected):
@@ -81,3 +82,20 @@ def test_evaluate_errors_are_one_line(tiny_checkpoint, args, expected):
 def test_report_of_an_empty_directory_is_one_line(tmp_path):
     result = run_module("fewstep.report", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "no result.json" in result.stderr
+
+
+def test_raw_weights_are_the_trained_ones_and_ema_the_average(tiny_checkpoint, tmp_path):
+    """weights=raw (evaluate, sample) loads what the EMA hides: the checkpoint's current_model_state."""
+    import torch
+
+    from fewstep.checkpoints import load_method, read_checkpoint
+
+    _, ckpt = tiny_checkpoint
+    checkpoint = dict(read_checkpoint(ckpt, mmap=False))
+    assert "current_model_state" in checkpoint  # Lightning's EMAWeightAveraging keeps the trained weights there
+    # a checkpoint whose trained weights differ from their average, as after any real run
+    checkpoint["current_model_state"] = {k: v + 1 if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    ema, raw = load_method(tmp_path / "moved.ckpt").state_dict(), load_method(tmp_path / "moved.ckpt", weights="raw").state_dict()
+    for key, value in checkpoint["state_dict"].items():
+        assert torch.equal(ema[key], value) and torch.equal(raw[key], checkpoint["current_model_state"][key])
