@@ -67,8 +67,8 @@ def test_verdict_applies_the_claims_factor_and_direction():
 def test_rows_are_saved_after_each_evaluation_and_reused(tmp_path, monkeypatch):
     calls = []
 
-    def fake(ckpt, sampler, nfe, n, out, options=()):
-        calls.append((sampler, nfe))
+    def fake(ckpt, sampler, nfe, n, out, options=(), weights="ema"):
+        calls.append((sampler, nfe) if weights == "ema" else (sampler, nfe, weights))
         return {"value": 1.0 * nfe, "values": [1.0 * nfe, 1.0 * nfe + 1]}
 
     monkeypatch.setattr(reproduce, "evaluate_row", fake)
@@ -83,6 +83,8 @@ def test_rows_are_saved_after_each_evaluation_and_reused(tmp_path, monkeypatch):
     assert len(again.select("teacher", "heun", 4)) == 2 and not again.select("teacher", "euler")
     only = reproduce.Rows(tmp_path / "t.json", seeds=[1])  # a table summarises the seeds it was asked for
     assert [r["train_seed"] for r in only.select("teacher", "heun", 4)] == [1]
+    again.get("GDD, trained weights @ 500", 0, Path("a.ckpt"), "euler", 1, 10, weights="raw")  # evaluate weights=raw
+    assert calls[-1] == ("euler", 1, "raw")
 
 
 def test_parallel_writers_keep_each_others_rows(tmp_path, monkeypatch):
