@@ -31,6 +31,7 @@ from hydra.utils import instantiate
 from fewstep.checkpoints import load_method
 from fewstep.evaluate import training_config
 from fewstep.methods.noise import BatchNoise
+from fewstep.methods.student import level_index
 
 SOURCES = ("fwd", "fwd2", "teacher", "student")
 
@@ -50,7 +51,7 @@ def source_states(method, x0: torch.Tensor, n: int, seed: int) -> dict[str, tupl
     """Per source, n states at each level the student's rollouts visit: {source: (x [L n, ...], level index [L n])}."""
     x_student, sigma_student, _ = method.rollout("student", n)
     levels = method.state_sigmas
-    visited = sorted({int((levels - s).abs().argmin()) for s in sigma_student.unique()})
+    visited = sorted(set(level_index(sigma_student, levels).tolist()))
     x_teacher, sigma_teacher, _ = method.rollout("teacher", n)
     out = {}
     generator = torch.Generator().manual_seed(seed)
@@ -59,7 +60,7 @@ def source_states(method, x0: torch.Tensor, n: int, seed: int) -> dict[str, tupl
         out[name] = (torch.cat([images + levels[k] * noise[i] for i, k in enumerate(visited)]),
                      torch.tensor(visited).repeat_interleave(n))
     for name, x, sigma in (("teacher", x_teacher, sigma_teacher), ("student", x_student, sigma_student)):
-        k = (levels[None, :] - sigma[:, None]).abs().argmin(1)
+        k = level_index(sigma, levels)
         keep = torch.isin(k, torch.tensor(visited))
         out[name] = (x[keep], k[keep])
     return out
