@@ -493,6 +493,13 @@ def table_gdd(args, rows: Rows) -> list[str]:
     steps = sorted(steps)
     batch = images_per_step(teacher.dir(args.seeds[0]))
     teacher_steps = max(kept_checkpoints(teacher.dir(args.seeds[0])))
+    # the teacher's own curve (its best cell at each of its checkpoints): was it still improving when GDD began?
+    for seed in args.seeds:
+        for step, ckpt in kept_checkpoints(teacher.dir(seed)).items():
+            if step < teacher_steps:
+                rows.get(f"{TEACHER_AT} @ {step}", seed, ckpt, best_sampler, best_nfe, args.n)
+    teacher_curve = {s: stat(rows.select(f"{TEACHER_AT} @ {s}", best_sampler, best_nfe)) for s in steps
+                     if rows.select(f"{TEACHER_AT} @ {s}", best_sampler, best_nfe)}
     final, half = steps[-1], max([s for s in steps if s <= teacher_steps // 2], default=steps[0])
     lines = ["| model | " + " | ".join(f"{s * batch / 1000:g}k" for s in steps) + " | collapsed seeds |",
              "|---|" + "---|" * (len(steps) + 1)]
@@ -507,7 +514,11 @@ def table_gdd(args, rows: Rows) -> list[str]:
            xlabel="training images (thousands)", xscale="linear")
     at = min(steps, key=lambda s: abs(s - teacher_steps))  # the teacher's value in the column of the images it saw
     lines += [f"| teacher, {which} ({best_sampler}, {best_nfe} NFE), {teacher_steps * batch / 1000:g}k images | "
-              + " | ".join(str(best) if s == at else "" for s in steps) + f" | sampling spread {best.spread:.2g} |", "",
+              + " | ".join(str(best) if s == at else "" for s in steps) + f" | sampling spread {best.spread:.2g} |"]
+    if teacher_curve:
+        lines.append(f"| teacher ({best_sampler}, {best_nfe} NFE) at its own checkpoints | "
+                     + " | ".join(str(teacher_curve.get(s, best if s == at else "")) for s in steps) + " | |")
+    lines += ["",
               "One-step fid_domain (EMA weights; the trained weights themselves where it says so) against the training "
               "images seen, mean ± std over training seeds. A seed has collapsed when a later checkpoint scores more than "
               "twice its best.", "",
@@ -541,6 +552,7 @@ def kept_checkpoints(run: Path) -> dict[int, Path]:
     return {int(c.stem.split("_")[1]): c for c in sorted(run.glob("checkpoints/step_*.ckpt"))}
 
 
+TEACHER_AT = "teacher checkpoint"  # the gdd table's teacher at its earlier checkpoints, its best sampler cell
 RAW = ", trained weights"  # a GDD row scored with the checkpoint's trained weights (weights=raw), not their EMA
 
 
