@@ -141,6 +141,18 @@ def test_the_kac_table_runs_its_seeds_in_parallel(tmp_path):
     assert "noisy images, without -> with rollouts" in text
 
 
+@pytest.mark.slow
+def test_the_gdd_table_scores_every_checkpoint_with_its_ema_and_its_trained_weights(tmp_path):
+    reproduce.main(["gdd", "--quick", "--seeds", "0", "--gdd-levels", "0", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gdd.json").read_text())
+    ema = {r["label"].split(" @ ")[1] for r in saved if r["label"].startswith("GDD @")}
+    raw = {r["label"].split(" @ ")[1] for r in saved if r["label"].startswith(f"GDD{reproduce.RAW} @")}
+    assert ema and ema == raw
+    assert all(r["weights"] == "raw" for r in saved if reproduce.RAW in r["label"])
+    text = (tmp_path / "gdd.md").read_text()
+    assert "| GDD, trained weights |" in text and "GDD's trained weights (not their EMA) do not collapse" in text
+
+
 def test_the_diffusers_peer_samples_a_gaussian_per_image():
     """diffusers' EDM sde-dpmsolver++ through our grid and the exact denoiser of N(0, 0.5^2): the law, and image i
     depending on its seed only (a generator per image, like k-diffusion's Brownian tree per image)."""
