@@ -172,8 +172,8 @@ def load_method(path: str | Path, map_location: str | torch.device = "cpu", weig
     checkpoint = read_checkpoint(path)
     cls = method_class(checkpoint)
     method = cls(**checkpoint["hyper_parameters"])
-    state = checkpoint.get("current_model_state") if weights == "raw" else None
-    method.load_state_dict(checkpoint["state_dict"] if state is None else state)
+    ema = checkpoint["state_dict"]
+    method.load_state_dict(checkpoint.get("current_model_state", ema) if weights == "raw" else ema)
     return method.to(map_location).eval()
 
 

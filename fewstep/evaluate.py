@@ -67,7 +67,8 @@ def evaluate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     # With ref= the training config only names the data set in the row; never required then (unless given).
     train_cfg = training_config(cfg.ckpt, cfg.data_config, required=reference is None or bool(cfg.data_config))
-    method = load_method(cfg.ckpt, map_location=device, weights=cfg.get("weights", "ema"))
+    weights = cfg.get("weights", "ema")
+    method = load_method(cfg.ckpt, map_location=device, weights=weights)
     if cfg.guidance and not method.num_classes:
         raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
     datamodule = None if reference is not None else instantiate(train_cfg.data)
@@ -91,7 +92,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "n_real": len(real) if reference is None else (None if reference["assumed_n"] else reference["n"]),
         "seed": cfg.seed, "images_per_second": cfg.n * len(seeds) / seconds, "data": data_name,
         "ckpt": str(Path(cfg.ckpt).resolve()), "sampler_options": OmegaConf.to_container(cfg.sampler),
-        "device": str(device), "weights": cfg.get("weights", "ema"), **repeats,
+        "device": str(device), "weights": weights, **repeats,
     }
     if reference is not None:
         row["ref"] = reference["path"]

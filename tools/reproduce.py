@@ -498,8 +498,8 @@ def table_gdd(args, rows: Rows) -> list[str]:
         for step, ckpt in kept_checkpoints(teacher.dir(seed)).items():
             if step < teacher_steps:
                 rows.get(f"{TEACHER_AT} @ {step}", seed, ckpt, best_sampler, best_nfe, args.n)
-    teacher_curve = {s: stat(rows.select(f"{TEACHER_AT} @ {s}", best_sampler, best_nfe)) for s in steps
-                     if rows.select(f"{TEACHER_AT} @ {s}", best_sampler, best_nfe)}
+    teacher_rows = {s: rows.select(f"{TEACHER_AT} @ {s}", best_sampler, best_nfe) for s in steps}
+    teacher_curve = {s: stat(found) for s, found in teacher_rows.items() if found}
     final, half = steps[-1], max([s for s in steps if s <= teacher_steps // 2], default=steps[0])
     lines = ["| model | " + " | ".join(f"{s * batch / 1000:g}k" for s in steps) + " | collapsed seeds |",
              "|---|" + "---|" * (len(steps) + 1)]
@@ -528,14 +528,12 @@ def table_gdd(args, rows: Rows) -> list[str]:
         for step, text in ((half, "with half the teacher's images"), (final, "at the end")):
             lines.append(f"| GDD at one step at or below the teacher's best, {text} ({step * batch / 1000:g}k images) | "
                          f"1.54 vs 1.79 (CIFAR-10) | {gdd[step]} vs {best} | {verdict(gdd[step], best)} |")
-        lines.append(f"| GDD without freezing does not collapse (issue 17) | no collapse | {collapsed(gdd)} of "
-                     f"{len(args.seeds)} seeds collapsed within {final * batch / 1000:g}k images | "
-                     f"{'met' if collapsed(gdd) == 0 else 'missed'} |")
-        raw = curves.get(gdd_label(0) + RAW, {})
-        if raw:
-            lines.append(f"| GDD's trained weights (not their EMA) do not collapse (issue 17) | no collapse | {collapsed(raw)} "
-                         f"of {len(args.seeds)} seeds collapsed within {final * batch / 1000:g}k images | "
-                         f"{'met' if collapsed(raw) == 0 else 'missed'} |")
+        for claim, curve in (("GDD without freezing does not collapse", gdd),
+                             ("GDD's trained weights (not their EMA) do not collapse", curves.get(gdd_label(0) + RAW, {}))):
+            if curve:
+                lines.append(f"| {claim} (issue 17) | no collapse | {collapsed(curve)} of "
+                             f"{len(args.seeds)} seeds collapsed within {final * batch / 1000:g}k images | "
+                             f"{'met' if collapsed(curve) == 0 else 'missed'} |")
     for level in runs:
         frozen = curves[gdd_label(level)]
         if level and gdd:
