@@ -141,6 +141,17 @@ def test_the_kac_table_runs_its_seeds_in_parallel(tmp_path):
     assert "noisy images, without -> with rollouts" in text
 
 
+def test_gdd_set_overrides_the_gdd_runs_and_not_their_teachers(tmp_path):
+    args = reproduce.parse_args(["gdd", "--out", str(tmp_path), "--set", "trainer.max_steps=8",
+                                 "--gdd-set", "callbacks.ema.decay=0.995", "--gdd-levels", "0", "1"])
+    teacher, runs = reproduce.teacher_runs(args), reproduce.gdd_runs(args)
+    assert "callbacks.ema.decay=0.995" not in teacher.extra and "trainer.max_steps=8" in teacher.extra
+    for level, run in runs.items():
+        assert run.extra == ["trainer.max_steps=8", "callbacks.ema.decay=0.995"]
+        assert f"method.freeze.level={level}" in run.overrides(0)
+        assert f"teacher.ckpt={teacher.ckpt(0)}" in run.overrides(0)
+
+
 @pytest.mark.slow
 def test_the_gdd_table_scores_every_checkpoint_with_its_ema_and_its_trained_weights(tmp_path):
     reproduce.main(["gdd", "--quick", "--seeds", "0", "--gdd-levels", "0", "--out", str(tmp_path)])

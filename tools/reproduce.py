@@ -12,8 +12,9 @@ interrupted one resumes, so a table can be stopped and started again. Every row 
 metric=fid_domain and repeats=2: two disjoint sample sets of n images, so each row carries the metric's own
 sampling spread beside the spread over training seeds. Writes ``OUT/<table>.json`` (every row of every seed),
 ``OUT/<table>.md`` (mean +- std over seeds, and the verdict of each claim) and ``OUT/<table>.png``.
-``--set`` adds overrides to every training command (e.g. ``--set trainer.max_steps=2000``), ``--quick`` is a
-smoke run (tiny network, a few steps, n = 16) for tests.
+``--set`` adds overrides to every training command (e.g. ``--set trainer.max_steps=2000``), ``--gdd-set`` to the
+GDD runs only (``--gdd-set callbacks.ema.decay=0.995``: their teachers stay the table's), ``--quick`` is a smoke run
+(tiny network, a few steps, n = 16) for tests.
 """
 
 from __future__ import annotations
@@ -469,12 +470,17 @@ def best_edm_teacher(args) -> BestCell | None:
     return BestCell.of(*key, teacher.select("teacher", *key))
 
 
+def gdd_runs(args) -> dict[int, Run]:
+    """The GDD run of each freezing level, from the teacher table's teacher; ``--gdd-set`` reaches these only."""
+    teacher = teacher_runs(args)
+    return {level: Run(f"gdd_level{level}", lambda seed, level=level: [
+        *method("gdd", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.freeze.level={level}"],
+        args.out, [*args.extra, *args.gdd_extra]) for level in args.gdd_levels}
+
+
 def table_gdd(args, rows: Rows) -> list[str]:
     """One-step fid_domain of every kept checkpoint of each GDD run: the final value, the curve and any collapse."""
-    teacher = teacher_runs(args)
-    runs = {level: Run(f"gdd_level{level}", lambda seed, level=level: [
-        *method("gdd", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.freeze.level={level}"], args.out, args.extra)
-        for level in args.gdd_levels}
+    teacher, runs = teacher_runs(args), gdd_runs(args)
     steps = set()
     for seed in args.seeds:
         teacher.train(seed)
@@ -717,6 +723,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kac-steps-per-stage", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("docs/reproduction"))
     parser.add_argument("--set", dest="extra", action="append", default=[], help="an override for every training run")
+    parser.add_argument("--gdd-set", dest="gdd_extra", action="append", default=[],
+                        help="gdd table: an override for the GDD runs only, not their teachers (e.g. callbacks.ema.decay=0.995)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny network, two steps, n = 16")
     parser.add_argument("--only", nargs="+", default=None,
                         help="students table: train and evaluate only these runs (e.g. ddil_noreflect_progressive)")
@@ -781,7 +789,8 @@ def main(argv: list[str] | None = None) -> None:
         lines = globals()[f"table_{table}"](args, rows)
         minutes = (time.perf_counter() - start) / 60
         header = [f"<!-- python tools/reproduce.py {table} --seeds {' '.join(map(str, args.seeds))} --n {args.n}"
-                  f"{''.join(f' --set {e}' for e in args.extra)}: {minutes:.1f} min this call -->", ""]
+                  f"{''.join(f' --set {e}' for e in args.extra)}{''.join(f' --gdd-set {e}' for e in args.gdd_extra)}"
+                  f": {minutes:.1f} min this call -->", ""]
         text = "\n".join(header + lines) + "\n"
         (args.out / f"{table}.md").write_text(text)
         print(text)
