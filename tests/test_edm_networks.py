@@ -71,7 +71,9 @@ def test_denoiser_matches_edm_at_every_sigma(name):
 @pytest.mark.parametrize("name", NETWORKS)
 def test_attributes_and_round_sigma_match_edm(name):
     record, net = fixture(name), network(name)
-    assert net.sigma_min == record["sigma_min"] and net.sigma_max == record["sigma_max"]
+    # computed in float32 from the iDDPM schedule: one ulp apart on some CPUs (20291.1719 against 20291.1699 on AMD EPYC)
+    assert net.sigma_min == pytest.approx(record["sigma_min"], rel=1e-6)
+    assert net.sigma_max == pytest.approx(record["sigma_max"], rel=1e-6)
     assert torch.equal(net.round_sigma(record["sigma"]), record["round_sigma"])
     kwargs = record["init_kwargs"]
     assert (net.img_resolution, net.img_channels, net.label_dim) == (

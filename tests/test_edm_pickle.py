@@ -213,7 +213,8 @@ def test_edm_fixture_pickles_load_exactly():
             with torch.no_grad():  # x and expected: [noise level, batch, C, H, W]
                 out = torch.stack([net(x, sigma.expand(len(x)), companion["labels"])
                                    for x, sigma in zip(companion["x"], companion["sigma"])])
-            torch.testing.assert_close(out, companion["expected"], atol=1e-5, rtol=0)
+            # float32 rounding of EDM's own output differs by CPU (1.5e-5 of outputs near 100 on AMD EPYC)
+            torch.testing.assert_close(out, companion["expected"], atol=1e-5, rtol=1e-6)
 
 
 # EDM's layout (persistent records, a plain ModuleDict, None and non-persistent entries) gives torch's state_dict.

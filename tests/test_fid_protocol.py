@@ -205,7 +205,9 @@ def test_fid_against_the_tools_npz_equals_fid_from_the_images(reference_npz):
     direct._computed = against_file._computed = None
     from_images, from_file = direct.compute().item(), against_file.compute().item()
     print(f"float64: {from_images!r} against {from_file!r}, relative difference {abs(from_file - from_images) / from_images:.2e}")
-    assert from_file == pytest.approx(from_images, rel=1e-8)
+    # the square root of a rank-24 2048 x 2048 covariance magnifies float64 rounding, which differs by CPU (1.5e-8
+    # relative on AMD EPYC)
+    assert from_file == pytest.approx(from_images, rel=1e-7)
     # the mean in the file is torchmetrics' own, up to float32 feature rounding (which varies with the thread count)
     torch.testing.assert_close(read_npz_reference(path)["mean"], direct.real_features_sum / 24, rtol=1e-4, atol=1e-6)
 
