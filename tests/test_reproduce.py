@@ -152,6 +152,19 @@ def test_gdd_set_overrides_the_gdd_runs_and_not_their_teachers(tmp_path):
         assert f"teacher.ckpt={teacher.ckpt(0)}" in run.overrides(0)
 
 
+def test_a_run_is_not_reused_for_other_overrides(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda command, **_: calls.append(command) or
+                        reproduce.subprocess.CompletedProcess(command, 0))
+    run = reproduce.Run("gdd_level0", lambda seed: ["method=gdd"], tmp_path, ["callbacks.ema.decay=0.995"])
+    run.train(0)
+    assert run.train(0) == run.dir(0) and len(calls) == 1  # finished: reused
+    other = reproduce.Run("gdd_level0", lambda seed: ["method=gdd"], tmp_path, [])
+    with pytest.raises(SystemExit, match="other overrides.*own --out"):
+        other.train(0)
+    assert len(calls) == 1
+
+
 @pytest.mark.slow
 def test_the_gdd_table_scores_every_checkpoint_with_its_ema_and_its_trained_weights(tmp_path):
     reproduce.main(["gdd", "--quick", "--seeds", "0", "--gdd-levels", "0", "--out", str(tmp_path)])

@@ -141,15 +141,19 @@ class Run:
         return run / "checkpoints" / "last.ckpt"
 
     def train(self, seed: int) -> Path:
-        run = self.dir(seed)
+        run, overrides = self.dir(seed), [*self.overrides(seed), *self.extra]
+        saved = run / "OVERRIDES"  # a run is reused by its name: never for other overrides (--set, --gdd-set)
+        if saved.is_file() and saved.read_text().splitlines() != overrides:
+            raise SystemExit(f"{run} was trained with other overrides (see {saved}): give this variant its own --out")
         if (run / "DONE").is_file():
             return run
         resume = ["resume=auto"] if run.is_dir() else []
         command = [
             sys.executable, "-m", "fewstep.train", "experiment=repro", f"seed={seed}", f"data.seed={seed}",
-            f"hydra.run.dir={run}", *self.overrides(seed), *self.extra, *resume,
+            f"hydra.run.dir={run}", *overrides, *resume,
         ]
         run.mkdir(parents=True, exist_ok=True)
+        saved.write_text("\n".join(overrides) + "\n")
         print(f"[train] {self.name} seed {seed}: {' '.join(command[2:])}", flush=True)
         start = time.perf_counter()
         with open(run / "train.log", "a") as log:
