@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import re
@@ -13,7 +12,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fewstep.errors import CheckpointError, ConfigError
+from fewstep.errors import CheckpointError, ConfigError, FewstepError
 
 
 def read_checkpoint(path: str | Path, mmap: bool = True) -> dict:
@@ -65,46 +64,41 @@ def refused_global(path: Path, error: Exception) -> str:
 
 
 def method_class(checkpoint: dict) -> type:
-    """The method class a checkpoint names: one of METHODS, a GenerativeMethod in a module of fewstep.methods, or
-    one in a module the program has already imported; anything else is refused (the name comes from the file, so
-    nothing outside fewstep.methods is imported for it)."""
-    from fewstep.methods import METHODS, GenerativeMethod
+    """The method class a checkpoint names, by its exact qualified name: one of fewstep's methods, or a method class of
+    the user's own that the program has already imported (a file never makes fewstep import anything)."""
+    from fewstep.methods import GenerativeMethod
 
-    name = str(checkpoint["fewstep"].get("method_class", ""))
-    module, _, attribute = name.rpartition(".")
-    known = {f"{cls.__module__}.{cls.__qualname__}": cls for cls, _ in METHODS.values()}
-    cls = None
-    if name in known:
-        cls = known[name]
-    elif module.startswith("fewstep.methods.") and attribute.isidentifier():  # a method added beside fewstep's own
-        cls = getattr(importlib.import_module(module), attribute, None)
-    elif module in sys.modules:  # a method of the user's own, already imported: a file never makes us import one
-        cls = getattr(sys.modules[module], attribute, None)
-    if not (isinstance(cls, type) and issubclass(cls, GenerativeMethod)):
-        raise CheckpointError(f"the checkpoint names the method class '{name}', which is not a fewstep method")
-    check_targets(checkpoint.get("hyper_parameters", {}))
-    return cls
+    name = checkpoint["fewstep"].get("method_class", "") if isinstance(checkpoint.get("fewstep"), dict) else ""
+    known = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in _subclasses(GenerativeMethod)}
+    if not isinstance(name, str) or name not in known:
+        raise CheckpointError(f"the checkpoint names the method class {str(name)[:80]!r}, which is not a fewstep method")
+    return known[name]
 
 
-# What a checkpoint's hyperparameters may name as `_target_` (the method builds its network from them, and
-# hydra's instantiate would call anything): fewstep's networks and torch's optimisers and schedulers.
-ALLOWED_TARGETS = ("fewstep.networks.", "fewstep.external.", "torch.optim.")
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
 
 
-def check_targets(tree, where: str = "hyper_parameters") -> None:
-    """Refuse, in one line, a `_target_` anywhere in ``tree`` that is not one of ALLOWED_TARGETS."""
-    if isinstance(tree, dict):
-        target = tree.get("_target_")
-        if target is not None and not (isinstance(target, str) and target.startswith(ALLOWED_TARGETS)):
-            raise CheckpointError(
-                f"the checkpoint's {where} name _target_ '{target}', which fewstep does not build from a file "
-                f"(only {', '.join(p + '*' for p in ALLOWED_TARGETS)})"
-            )
-        for key, value in tree.items():
-            check_targets(value, f"{where}.{key}")
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            check_targets(value, where)
+def method_from_checkpoint(checkpoint: dict, path: str | Path):
+    """The method a checkpoint describes, built by fewstep from its checked hyperparameters (no weights loaded)."""
+    from fewstep.schema import check_hyperparameters
+
+    cls = method_class(checkpoint)
+    try:
+        hyperparameters = check_hyperparameters(cls, checkpoint.get("hyper_parameters"))
+    except CheckpointError as error:
+        raise CheckpointError(f"refusing checkpoint '{path}': {error}; fewstep builds a method from a file only "
+                              "out of its own classes and plain, typed values") from None
+    try:
+        return cls(**hyperparameters)
+    except FewstepError as error:
+        raise CheckpointError(f"checkpoint '{path}': {error}") from None
+    except (TypeError, ValueError) as error:  # values of the right types that the constructor refuses
+        raise CheckpointError(f"cannot rebuild the method of checkpoint '{path}' ({type(error).__name__}: {error}); "
+                              "it was not written by this fewstep") from None
 
 
 def plain_tree(value):
@@ -168,13 +162,60 @@ def load_method(path: str | Path, map_location: str | torch.device = "cpu", weig
         raise ConfigError(f"weights={weights}: choose ema (the EMA average, the default) or raw (the trained weights)")
     path = Path(path)
     if path.is_dir() or path.suffix in EDM_SUFFIXES:
-        return load_external(path).to(map_location).eval()
+        method = load_external(path)
+        check_finite(method, path)
+        return method.to(map_location).eval()
     checkpoint = read_checkpoint(path)
-    cls = method_class(checkpoint)
-    method = cls(**checkpoint["hyper_parameters"])
-    ema = checkpoint["state_dict"]
-    method.load_state_dict(checkpoint.get("current_model_state", ema) if weights == "raw" else ema)
+    method = method_from_checkpoint(checkpoint, path)
+    ema = checkpoint.get("state_dict")
+    state = checkpoint.get("current_model_state", ema) if weights == "raw" else ema
+    misfit = state_misfit(method.state_dict(), state)
+    if misfit:
+        raise CheckpointError(f"checkpoint '{path}' does not fit the method it names: {misfit}; the file is corrupted "
+                              "or was edited")
+    method.load_state_dict(state)
+    check_finite(method, path)
     return method.to(map_location).eval()
+
+
+def state_misfit(expected: dict, found) -> str | None:
+    """Why ``found`` would not load into a module whose state_dict is ``expected`` (one phrase), or None."""
+    if not isinstance(found, dict):
+        return f"its weights are a {type(found).__name__}, not a state_dict"
+    for key, value in found.items():
+        if key not in expected:
+            return f"its tensor {str(key)[:80]!r} is not in the network"
+        if not isinstance(value, torch.Tensor):
+            return f"its {key!r} is a {type(value).__name__}, not a tensor"
+        if value.shape != expected[key].shape:
+            return f"its tensor {key!r} is {tuple(value.shape)}, the network's {tuple(expected[key].shape)}"
+    missing = next((key for key in expected if key not in found), None)
+    return f"its weights lack {missing!r}" if missing else None
+
+
+@torch.no_grad()
+def check_finite(method, path) -> None:
+    """Refuse a model whose weights, or whose output on a fixed probe input, are not finite (NaN weights, a NaN
+    sigma_data, a scheduler of NaN betas would otherwise give all-NaN or all-black samples and exit 0)."""
+    for name, tensor in method.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"'{path}': its weight {name!r} holds NaN or infinite values; use another checkpoint "
+                                  "of the run (an earlier step), or weights=ema / weights=raw for the other set")
+    was_training = method.training
+    method.eval()
+    shape = tuple(method.hparams.data_shape)
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(method.device)
+    labels = torch.zeros(1, dtype=torch.long, device=method.device) if method.num_classes else None
+    from fewstep.methods.kac_teacher import KacTeacher
+
+    if isinstance(method, KacTeacher):  # a velocity field, no Gaussian denoiser
+        out = method.velocity(x, torch.full((1,), 0.5 * float(method.hparams.get("T", 1.0)), device=method.device), labels)
+    else:
+        out = method.denoiser(x, torch.ones(1, device=method.device), labels)
+    method.train(was_training)
+    if not torch.isfinite(out).all():
+        raise CheckpointError(f"'{path}': the model returns NaN or infinite values on a probe input (its weights are "
+                              "finite: a setting such as sigma_data or the noise schedule is not); use another model file")
 
 
 EDM_SUFFIXES = (".pkl", ".pt", ".pth")  # EDM network pickles and their state-dict files; a folder is diffusers'
@@ -202,6 +243,15 @@ def load_external(path: Path):
         raise CheckpointError(
             f"'{path}' not found: pass a fewstep .ckpt, an EDM network pickle (.pkl), or a diffusers model folder"
         )
+    from fewstep.schema import check_node, check_shape, check_value
+
+    try:  # what the file says becomes fewstep's model config: checked like a checkpoint's
+        config = check_node(config, "network", "model")
+        check_shape(data_shape, num_classes, "model")
+        check_value(net.sigma_data, float, "sigma_data")
+    except CheckpointError as error:
+        raise CheckpointError(f"refusing '{path}': {error}; fewstep builds a network from a file only out of its own "
+                              "classes and plain, typed values") from None
     # the method builds a network from the config (checking that it fits), which the file's network then replaces
     method = EDMTeacher(net=config, data_shape=data_shape, num_classes=num_classes, conditional=num_classes > 0,
                         sigma_data=float(net.sigma_data))
@@ -253,7 +303,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     """The checkpoint a run continues from: ``last.ckpt`` if readable, else the readable ``*.ckpt`` of the highest step."""
     directory = Path(directory)
     steps = [path for path in directory.glob("*.ckpt") if path.name != "last.ckpt"]
-    for path in [directory / "last.ckpt", *sorted(steps, key=lambda p: p.stat().st_mtime, reverse=True)]:
+    for path in [directory / "last.ckpt", *sorted(steps, key=checkpoint_step, reverse=True)]:
         try:  # a missing last.ckpt is skipped like an unreadable one; a file that would run code stops the run
             read_checkpoint(path)
         except UnsafeCheckpoint:
@@ -262,6 +312,13 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
             continue
         return path
     return None
+
+
+def checkpoint_step(path: Path) -> tuple[int, str]:
+    """The training step in a checkpoint's name (Lightning's ``...step=4000.ckpt``; -1 without one), then the name:
+    the order in which a run wrote them, whatever their modification times say."""
+    found = re.findall(r"step=(\d+)", path.name)
+    return (int(found[-1]) if found else -1, path.name)
 
 
 def _move(checkpoint: dict, map_location) -> dict:

@@ -27,10 +27,11 @@ from rich.console import Console
 from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.cli import CONF_DIR
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights
-from fewstep.errors import ConfigError
+from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import DenoiserMethod
 from fewstep.methods.student import DistilledStudent
 from fewstep.methods.teacher import Staged, check_kind
+from fewstep.run_config import read_run_config
 
 console = Console(soft_wrap=True)  # long paths and commands stay on one line, to be copied
 
@@ -74,7 +75,11 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
         return Path(teacher.ckpt).resolve()
     runs = sorted(Path(cfg.paths.root).glob(f"{teacher.method}/*/*/.hydra/config.yaml"), reverse=True)
     for config_path in runs:
-        run = OmegaConf.load(config_path)
+        try:  # anyone may have written a run under paths.root: its config is data, checked like a named file
+            run = read_run_config(config_path)
+        except CheckpointError as error:
+            raise CheckpointError(f"{error} (found looking for a {teacher.method} teacher: pass teacher.ckpt=PATH, "
+                                  "or move that run out of the way)") from None
         run_dir = config_path.parent.parent
         if same_setting(run, cfg) and (last := finished_checkpoint(run_dir, run)):
             last = last.resolve()

@@ -72,7 +72,7 @@ def test_resume_auto_stops_at_a_file_that_would_run_code_rather_than_skipping_it
     ({"fewstep": {"method_class": "os.system"}}, "os.system"),
     ({"fewstep": {"method_class": "fewstep.methods.base.plain"}}, "fewstep.methods.base.plain"),
     ({"hyper_parameters": {"net": {"_target_": "os.system", "command": "touch x"}}}, "os.system"),
-    ({"hyper_parameters": {"optimizer": {"a": [{"_target_": "builtins.exec"}]}}}, "builtins.exec"),
+    ({"hyper_parameters": {"optimizer": {"a": [{"_target_": "builtins.exec"}]}}}, "hyper_parameters.optimizer._target_"),
 ])
 def test_a_checkpoint_may_name_only_fewstep_methods_and_networks(tmp_path, fields, named):
     checkpoint = {"epoch": 0, "global_step": 0, "state_dict": {}, "hyper_parameters": {},

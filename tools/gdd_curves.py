@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from fewstep.checkpoints import method_class, read_checkpoint  # noqa: E402
+from fewstep.checkpoints import method_from_checkpoint, read_checkpoint  # noqa: E402
 
 
 def runs(sweep: Path) -> list[dict]:
@@ -40,7 +40,7 @@ def runs(sweep: Path) -> list[dict]:
         fraction = None
         if ckpt.exists():  # the fraction GDD-I reached, as the method computes it when built
             checkpoint = read_checkpoint(ckpt)
-            fraction = method_class(checkpoint)(**checkpoint["hyper_parameters"]).frozen_fraction
+            fraction = method_from_checkpoint(checkpoint, ckpt).frozen_fraction
         points = sorted((r["step"] * int(cfg.data.batch_size), r["value"]) for r in rows)
         out.append({"label": label, "frozen": fraction, "points": points, "metric": rows[0]["metric"], "n": rows[0]["n"]})
     return out

@@ -11,7 +11,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,6 +19,7 @@ from fewstep.errors import TrainingDiverged
 from fewstep.methods.noise import BatchNoise
 from fewstep.networks.preconditioning import edm_denoise
 from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
+from fewstep.schema import build
 
 RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
 
@@ -70,7 +70,7 @@ class GenerativeMethod(L.LightningModule):
         # Lightning collects the arguments from every __init__ frame, the callers' unconverted ones too
         self.hparams.update(net=net, data_shape=data_shape, optimizer=optimizer, scheduler=scheduler)
         self.num_classes = num_classes if conditional else 0
-        self.net = instantiate(net, data_shape=data_shape, num_classes=self.num_classes)
+        self.net = build(net, data_shape=data_shape, num_classes=self.num_classes)
 
     # -- conditioning ----------------------------------------------------------------------
     @property
@@ -148,10 +148,10 @@ class GenerativeMethod(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        optimizer = build(self.hparams.optimizer)(self.parameters())
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer)
+        scheduler = build(self.hparams.scheduler)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,6 +18,7 @@ from fewstep.networks.discriminators import Head
 from fewstep.networks.preconditioning import denoiser_features, edm_denoise
 from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
 from fewstep.samplers.grids import karras_warp
+from fewstep.schema import build
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 5e-5, "betas": [0.0, 0.99]}
 
@@ -201,6 +201,6 @@ class DMD2(AdversarialTraining, DistilledStudent):
     def configure_optimizers(self):
         hp = self.hparams
         critic = [p for module in self.critic for p in module.parameters()]
-        opt_g = instantiate(hp.optimizer, _convert_="all")(self.net.parameters())
-        opt_c = instantiate(hp.optimizer_critic, _convert_="all")(critic)
+        opt_g = build(hp.optimizer)(self.net.parameters())
+        opt_c = build(hp.optimizer_critic)(critic)
         return [opt_g, opt_c]

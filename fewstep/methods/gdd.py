@@ -9,7 +9,6 @@ regression target). GDD-I (``freeze``) keeps most convolutions frozen at the tea
 from __future__ import annotations
 
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 
 from fewstep.errors import ConfigError
@@ -21,6 +20,7 @@ from fewstep.networks.discriminators import build_discriminator
 from fewstep.networks.freezing import freeze as freeze_layers
 from fewstep.networks.preconditioning import shifted_edm_denoise
 from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
+from fewstep.schema import build
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
 
@@ -211,8 +211,8 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
         d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
         if not g_params:
             raise ConfigError("gdd: every generator parameter is frozen: lower method.freeze.level / method.freeze.ratio")
-        opt_g = instantiate(hp.optimizer_g, _convert_="all")(g_params)
-        opt_d = instantiate(hp.optimizer_d, _convert_="all")(d_params)
+        opt_g = build(hp.optimizer_g)(g_params)
+        opt_d = build(hp.optimizer_d)(d_params)
         return [opt_g, opt_d]
 
     def loss(self, x0, class_labels, rng):

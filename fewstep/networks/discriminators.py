@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import get_class, instantiate
 from torch import nn
 from torch.nn import functional as F
 
@@ -37,6 +36,7 @@ from fewstep.errors import ConfigError, one_line
 from fewstep.networks.mlp import MLP
 from fewstep.networks.preconditioning import PreconditionedDenoiser, denoiser_features
 from fewstep.networks.unet import UNet
+from fewstep.schema import build, resolve
 
 
 class Head(nn.Module):
@@ -109,7 +109,7 @@ class TeacherEncoderDiscriminator(_FrozenBackbone):
         super().__init__()
         if not sigma > 0:
             raise ConfigError(f"discriminator.sigma={sigma}: the teacher encoder needs a noise level > 0 (e.g. 0.5)")
-        backbone = instantiate(net, data_shape=list(data_shape), num_classes=num_classes)
+        backbone = build(net, data_shape=list(data_shape), num_classes=num_classes)
         if isinstance(backbone, UNet):
             del backbone.up, backbone.upsample, backbone.norm_out, backbone.conv_out  # the decoder is not used
         elif isinstance(backbone, MLP):
@@ -278,7 +278,7 @@ def build_discriminator(
     """
     config = dict(config or {"kind": "teacher_encoder"})
     if "_target_" in config:
-        cls, where = get_class(config.pop("_target_")), "discriminator._target_"
+        cls, where = resolve(config.pop("_target_")), "discriminator._target_"
     else:
         kind = config.pop("kind", "teacher_encoder")
         if kind not in DISCRIMINATORS:
