@@ -12,6 +12,7 @@ from hydra.errors import InstantiationException
 from fewstep.errors import FewstepError, one_line
 
 CONF_DIR = Path(__file__).parent / "conf"
+OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir", "paths.output_dir", "paths.root")  # where a run writes
 
 
 def group_choices(group: str) -> list[str]:
@@ -51,6 +52,8 @@ def check_overrides(argv: list[str]) -> None:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
+        if key in OUTPUT_DIRS and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+            fail(f"{key}={value} is a file, not a directory: name a directory for the run's outputs")
         if (key == "method" and "ddil" in value.split(",")) or key == "ddil.base":
             base = value if key == "ddil.base" else "consistency"
             fail(f"DDIL is now a switch on any student: python -m fewstep.train method={base} ddil=default "

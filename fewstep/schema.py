@@ -2,7 +2,7 @@
 
 Checkpoints, EDM network files, diffusers folders and saved run configurations record how to rebuild a network, an
 optimiser or a data set. What they record is data. A recorded node names its constructor by one of the exact strings
-in ``BUILDABLE`` (never a prefix: Hydra's ``_locate`` walks on through module attributes, so
+in the tables below (never a prefix: Hydra's ``_locate`` walks on through module attributes, so
 ``fewstep.networks.unet.torch.load`` starts with ``fewstep.networks.``). Each argument is checked against the
 constructor's signature: numbers (finite), strings, booleans, lists of those, a mapping only where the constructor
 takes one and then of plain values with no Hydra key (``_target_``, ``_args_``, ...) anywhere inside. ``build`` then
@@ -56,7 +56,20 @@ DISCRIMINATORS = {
 }
 GROUPS = {"network": NETWORKS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "data": DATA,
           "discriminator": DISCRIMINATORS}
-BUILDABLE = {name: entry for table in GROUPS.values() for name, entry in table.items()}
+
+
+def buildable(target: Any) -> tuple[str, str] | None:
+    """The (module, attribute) that the exact name ``target`` stands for in any group, or None."""
+    return next((table[target] for table in GROUPS.values() if isinstance(target, str) and target in table), None)
+
+
+def register(group: str, constructor: Any) -> None:
+    """Let files name ``constructor`` (a network, data module, ... of your own) in ``group`` by its exact qualified name;
+    its arguments are then checked against its signature's annotations like fewstep's own."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}: one of {', '.join(GROUPS)}")
+    GROUPS[group][f"{constructor.__module__}.{constructor.__qualname__}"] = (constructor.__module__, constructor.__qualname__)
+
 
 # torch's optimisers and schedulers, by hand: their annotations (Tensor | float, ...) say more than a file may hold
 _FLOAT, _INT, _BOOL = float, int, bool
@@ -225,11 +238,11 @@ def parameters(constructor: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def resolve(target: str) -> Any:
-    """The constructor ``target`` names: from ``BUILDABLE`` by exact name, else (a user's own config) through Hydra."""
-    entry = BUILDABLE.get(target)
+    """The constructor ``target`` names: from the tables by exact name, else (a user's own config) through Hydra."""
+    entry = buildable(target)
     if entry is not None:
         module, attribute = entry
-        return getattr(importlib.import_module(module), attribute)
+        return functools.reduce(getattr, attribute.split("."), importlib.import_module(module))
     from hydra.utils import get_object
 
     return get_object(target)
@@ -413,12 +426,12 @@ def _edm_plain(value: Any) -> Any:
 def build(node: Any, **context: Any) -> Any:
     """The object ``node`` describes, with ``context`` (data shape, label count, ...) added to its arguments.
 
-    A node that names one of ``BUILDABLE`` is built here from its plain values; any other comes from the user's own
+    A node that names an entry of the tables is built here from its plain values; any other comes from the user's own
     config (files are checked with ``check_node`` before they get here) and is built by Hydra.
     """
     node = plain(node, resolve=True)  # the user's config: its interpolations resolve
     target = node.get("_target_") if isinstance(node, Mapping) else None
-    if target not in BUILDABLE:
+    if buildable(target) is None:
         from hydra.utils import instantiate
 
         return instantiate(node, **context)

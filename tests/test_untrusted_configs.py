@@ -300,3 +300,34 @@ def test_the_entry_points_refuse_each_hostile_file_in_one_line(tmp_path, payload
         lines = [line for line in result.stderr.splitlines() if line.startswith("fewstep: error:")]
         assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
         assert not marker.exists()
+
+
+class MyNet(torch.nn.Module):
+    """A network of the user's own: a checkpoint may name it once the program registers it."""
+
+    def __init__(self, data_shape: list[int], num_classes: int = 0, scale: float = 1.0):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x, c_noise, class_labels=None):
+        return self.scale * x
+
+
+def test_a_network_of_the_users_own_loads_once_registered(tmp_path, monkeypatch):
+    from fewstep import schema
+
+    net = {"_target_": f"{MyNet.__module__}.MyNet", "scale": 0.5}
+    path = fewstep_checkpoint(tmp_path / "mine.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["net"] = net
+    checkpoint["state_dict"] = EDMTeacher(net=net, data_shape=[1, 8, 8]).state_dict()
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="MyNet"):
+        load_method(path)
+    monkeypatch.setitem(schema.GROUPS, "network", dict(schema.NETWORKS))
+    schema.register("network", MyNet)
+    assert isinstance(load_method(path).net, MyNet)
+    checkpoint["hyper_parameters"]["net"] = {**net, "scale": "1"}
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="scale"):
+        load_method(path)
