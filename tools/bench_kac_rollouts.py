@@ -15,12 +15,12 @@ import statistics
 import time
 
 import torch
-from hydra.utils import instantiate
 
 from fewstep.checkpoints import load_method
 from fewstep.evaluate import training_config
 from fewstep.methods import BatchNoise, KacEndpoint
 from fewstep.methods.kac_teacher import KAC_HPARAMS
+from fewstep.run_config import build_data
 
 
 def student(teacher, teacher_steps: int, steps: int, share: float) -> KacEndpoint:
@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     teacher = load_method(args.teacher).eval()
-    data = instantiate(training_config(args.teacher, None).data)
+    data = build_data(training_config(args.teacher, None).data)
     data.setup("fit")
     loader = iter(data.train_dataloader())
     batches = [next(loader)[0][: args.batch_size] for _ in range(4)]

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import yaml
-from hydra.utils import instantiate
 
 from fewstep.checkpoints import load_method
 from fewstep.evaluate import training_config
@@ -34,6 +33,7 @@ from fewstep.generate import generate
 from fewstep.images import to_uint8
 from fewstep.metrics.diversity import DARK, FAINT, NOISY, dark_pixel_stats
 from fewstep.metrics.score import feature_extractor, reference_key, score
+from fewstep.run_config import build_data
 
 
 def parse_model(spec: str) -> tuple[Path, str | None, int | None, dict]:
@@ -62,7 +62,7 @@ def main() -> None:
 
     first = parse_model(args.models[0])[0]
     train_cfg = training_config(str(first), None)
-    datamodule = instantiate(train_cfg.data)
+    datamodule = build_data(train_cfg.data)
     real = datamodule.real_images(args.n)
     data_name = train_cfg.data._target_.rpartition(".")[2]
     extractor = key = None

@@ -20,13 +20,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 
 from fewstep.checkpoints import load_method
 from fewstep.evaluate import training_config
 from fewstep.images import to_uint8
 from fewstep.metrics.diversity import dark_pixel_stats
 from fewstep.metrics.score import feature_extractor, reference_key, score
+from fewstep.run_config import build_data
 from fewstep.samplers import SOLVERS, CountingDenoiser, SeededNoise, karras_sigmas
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     train_cfg = training_config(str(args.ckpt), None)
-    datamodule = instantiate(train_cfg.data)
+    datamodule = build_data(train_cfg.data)
     real = datamodule.real_images(args.n)
     data_name = train_cfg.data._target_.rpartition(".")[2]
     extractor = feature_extractor("fid_domain", datamodule, data_name, args.cache_dir)
