@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fewstep.errors import CheckpointError, ConfigError, FewstepError
 
@@ -99,17 +98,6 @@ def method_from_checkpoint(checkpoint: dict, path: str | Path):
     except (TypeError, ValueError) as error:  # values of the right types that the constructor refuses
         raise CheckpointError(f"cannot rebuild the method of checkpoint '{path}' ({type(error).__name__}: {error}); "
                               "it was not written by this fewstep") from None
-
-
-def plain_tree(value):
-    """``value`` with every OmegaConf node turned into plain dicts and lists (what a weights-only load accepts)."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, dict):
-        return {key: plain_tree(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain_tree(item) for item in value)
-    return value
 
 
 ARCHITECTURE = ("net", "data_shape", "num_classes", "conditional")  # what a network's weights depend on
@@ -333,10 +321,11 @@ def upgrade(path: str | Path) -> None:
     Loads the file with ``weights_only=False``, which runs whatever its pickle names: only for files you trust.
     """
     from fewstep.methods.base import plain_rng_states
+    from fewstep.schema import plain
 
     path = Path(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    checkpoint["hyper_parameters"] = plain_tree(checkpoint.get("hyper_parameters", {}))
+    checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
     checkpoint.pop("hparams_type", None)
     if "fewstep" in checkpoint and "rng" in checkpoint["fewstep"]:
         checkpoint["fewstep"]["rng"] = plain_rng_states(checkpoint["fewstep"]["rng"])

@@ -116,10 +116,15 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
-def plain(value: Any, resolve: bool = False) -> Any:
-    """OmegaConf containers as plain dicts and lists (a file's interpolations stay strings, and are refused)."""
+def plain(value: Any, resolve: bool = True) -> Any:
+    """``value`` with every OmegaConf node, at any depth, as plain dicts and lists: what checkpoints hold (a weights-only
+    load accepts nothing else). ``resolve=False`` keeps interpolations as strings, for checking what a file says."""
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=resolve)
+    if isinstance(value, dict):
+        return {key: plain(item, resolve) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item, resolve) for item in value)
     return value
 
 
@@ -280,7 +285,7 @@ def edm_parameters(precond: Any, model_type: Any, where: str) -> dict[str, tuple
 
 def check_node(node: Any, group: str, where: str) -> dict:
     """``node`` as a plain dict, if it names one of ``group``'s constructors exactly and gives it typed arguments."""
-    node = plain(node)
+    node = plain(node, resolve=False)
     table = GROUPS[group]
     if not isinstance(node, Mapping):
         raise UntrustedConfig(f"{where} = {_short(node)} is not a {group} config (a mapping with _target_)")
@@ -317,7 +322,7 @@ def check_discriminator(config: Any, where: str) -> None:
     """A GDD discriminator: ``{kind: teacher_encoder|timm|conv, **options}`` or one of DISCRIMINATORS by exact name."""
     from fewstep.networks.discriminators import DISCRIMINATORS as KINDS
 
-    config = plain(config)
+    config = plain(config, resolve=False)
     if config is None:
         return
     if not isinstance(config, Mapping):
@@ -353,7 +358,7 @@ def check_shape(data_shape: Any, num_classes: Any, where: str) -> None:
 
 def check_hyperparameters(cls: type, hyperparameters: Any, where: str = "hyper_parameters") -> dict:
     """A method's recorded constructor arguments, each checked against ``cls``'s signature; returned as plain dicts."""
-    hyperparameters = plain(hyperparameters)
+    hyperparameters = plain(hyperparameters, resolve=False)
     if not isinstance(hyperparameters, Mapping):
         raise UntrustedConfig(f"{where} is a {type(hyperparameters).__name__}, not a mapping")
     known = parameters(cls)
@@ -429,7 +434,7 @@ def build(node: Any, **context: Any) -> Any:
     A node that names an entry of the tables is built here from its plain values; any other comes from the user's own
     config (files are checked with ``check_node`` before they get here) and is built by Hydra.
     """
-    node = plain(node, resolve=True)  # the user's config: its interpolations resolve
+    node = plain(node)  # the user's config: its interpolations resolve
     target = node.get("_target_") if isinstance(node, Mapping) else None
     if buildable(target) is None:
         from hydra.utils import instantiate

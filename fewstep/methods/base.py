@@ -6,27 +6,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from omegaconf import DictConfig, OmegaConf
 
-from fewstep.checkpoints import plain_tree
 from fewstep.errors import TrainingDiverged
 from fewstep.methods.noise import BatchNoise
 from fewstep.networks.preconditioning import edm_denoise
 from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
-from fewstep.schema import build
+from fewstep.schema import build, plain
 
 RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
-
-
-def plain(value: Any) -> Any:
-    """A Hydra/OmegaConf node as plain Python containers (so checkpoints do not pickle OmegaConf)."""
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
 def plain_rng_states(states: dict) -> dict:
@@ -161,7 +153,7 @@ class GenerativeMethod(L.LightningModule):
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # never initialise CUDA just for this
         # Plain containers only, so that fewstep reads its checkpoints with weights_only=True (no code from files):
         # Lightning keeps the OmegaConf nodes the configs came in, and numpy's RNG state is a numpy array.
-        checkpoint["hyper_parameters"] = plain_tree(checkpoint.get("hyper_parameters", {}))
+        checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
         checkpoint.pop("hparams_type", None)
         rng = plain_rng_states(_collect_rng_states(cuda))
         checkpoint["fewstep"] = {"method_class": f"{cls.__module__}.{cls.__qualname__}", RNG_KEY: rng}
