@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision.utils import make_grid, save_image
+
+from fewstep.errors import FewstepError
+
+
+class ImageWriteError(FewstepError):
+    """An image file could not be written (a full disk, a read-only directory)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"could not write the image grid '{path}' ({reason}): free space (or fix the directory)")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -21,9 +36,23 @@ def image_grid(x: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(x: torch.Tensor, path: str | Path) -> Path:
+    """Write the grid of ``x`` to ``path`` whole or not at all (a temporary file beside it, then a rename); a failed
+    write (a full disk) is a one-line ImageWriteError and leaves no partial image behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image_grid(x), path)
+    grid = image_grid(x)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            save_image(grid, file, format=image_format)
+        os.replace(temporary, path)
+    except OSError as error:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise ImageWriteError(path, error.strerror or str(error)) from None
     return path
 
 

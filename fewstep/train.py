@@ -12,29 +12,37 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.markup import escape
 
+from fewstep import rundir
 from fewstep.checkpoints import AtomicCheckpointIO, check_compatible, latest_checkpoint, read_checkpoint
-from fewstep.cli import check_overrides, user_errors
-from fewstep.errors import ConfigError
+from fewstep.cli import CONF_DIR, check_overrides, fail, user_errors
+from fewstep.errors import ConfigError, FewstepError
 from fewstep.images import run_log_dir
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train the configured method; a distillation method (one with a ``teacher``) gets its teacher first."""
+    """Train the configured method; a distillation method (one with a ``teacher``) gets its teacher first.
+
+    The run directory is locked for the whole run (``fewstep.rundir``), and one that already holds checkpoints is
+    refused before anything is loaded unless ``resume=auto`` or ``overwrite=true`` says what to do with them.
+    """
     check_accelerator(cfg.trainer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("ddil") is not None and cfg.get("teacher") is None:
         raise ConfigError("ddil=default changes how a distillation student trains; this method has no teacher: use ddil=none")
-    datamodule = load_data(cfg)
-    if cfg.get("teacher") is not None:
-        from fewstep.distill import train_student
+    with rundir.hold(cfg.paths.output_dir):
+        rundir.check_checkpoints(cfg, stages=cfg.get("teacher") is not None)
+        datamodule = load_data(cfg)
+        if cfg.get("teacher") is not None:
+            from fewstep.distill import train_student
 
-        return train_student(cfg, fit, datamodule)
-    return fit(cfg, datamodule=datamodule)
+            return train_student(cfg, fit, datamodule)
+        return fit(cfg, datamodule=datamodule)
 
 
 def check_accelerator(trainer: DictConfig) -> None:
@@ -55,7 +63,19 @@ def load_data(cfg: DictConfig):
 
 
 def fit(cfg: DictConfig, method: L.LightningModule | None = None, datamodule=None) -> dict:
-    """Instantiate what ``cfg`` names (the method too, unless given); fit; report where things are."""
+    """Instantiate what ``cfg`` names (the method too, unless given); fit; report where things are.
+
+    ``cfg.paths.output_dir`` is locked while the fit uses it; the temporary files of checkpoint writes that a dead
+    process left are removed, and existing checkpoints are continued (resume=auto, ckpt_path) or replaced
+    (overwrite=true), never silently overwritten.
+    """
+    with rundir.hold(cfg.paths.output_dir):
+        rundir.prepare(cfg)
+        return fit_here(cfg, method, datamodule)
+
+
+def fit_here(cfg: DictConfig, method: L.LightningModule | None, datamodule) -> dict:
+    """``fit`` once its run directory is held."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     if datamodule is None:
@@ -68,7 +88,8 @@ def fit(cfg: DictConfig, method: L.LightningModule | None = None, datamodule=Non
     if ckpt_path:
         check_compatible(read_checkpoint(ckpt_path), method, ckpt_path)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    # a TensorBoardLogger becomes fewstep's GuardedTensorBoardLogger: a full disk is one warning, not a traceback
+    loggers = [instantiate(c, **rundir.logger_target(c)) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
@@ -88,8 +109,7 @@ def resume_from(cfg: DictConfig) -> str | None:
         raise ConfigError(f"resume={resume}: use resume=auto (the run directory's last checkpoint) or ckpt_path=PATH")
     if cfg.get("ckpt_path") or resume != "auto":
         return cfg.get("ckpt_path")
-    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
-    directory = Path(checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints")
+    directory = rundir.checkpoint_dir(cfg)
     found = latest_checkpoint(directory)
     Console().print(f"[bold]resume=auto[/]: {f'continuing from {found}' if found else f'no checkpoint in {directory}, starting'}")
     return str(found) if found else None
@@ -110,7 +130,7 @@ def report(trainer: L.Trainer, output_dir: Path, metrics: dict) -> None:
     samples = sorted((run_log_dir(trainer) / "samples").glob("*.png"))
     if samples:
         rows.append(("latest samples", str(samples[-1]), False))
-    if any(type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers):
+    if any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
         rows.append(("TensorBoard", f"tensorboard --logdir {output_dir}", True))
     rows += [(name, f"{value:.4g}", False) for name, value in sorted(metrics.items())]
     console = Console(soft_wrap=True, highlight=False, emoji=False)
@@ -144,6 +164,31 @@ def main(cfg: DictConfig) -> float | None:
     return metrics[name]
 
 
+def preflight(argv: list[str]) -> None:
+    """Before Hydra writes anything into an explicit ``hydra.run.dir=DIR`` (it replaces DIR/.hydra/config.yaml as
+    it starts a run), refuse what ``train`` would refuse there: a directory another run holds, or one whose
+    checkpoints this run would replace. Anything this cannot tell is left to the checks in ``train`` and ``fit``."""
+    if any(arg.startswith("-") for arg in argv) or not rundir.is_rank_zero():  # --multirun, --cfg job, ...
+        return
+    directories = [arg.split("=", 1)[1].strip("\"'") for arg in argv if arg.startswith("hydra.run.dir=")]
+    directory = directories[-1] if directories else None  # the last one counts, as in Hydra
+    if not directory or "${" in directory or not Path(directory).is_dir():
+        return
+    try:
+        rundir.check_not_held(directory)
+        from hydra import compose, initialize_config_dir
+
+        overrides = [arg for arg in argv if not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+        with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+            cfg = compose("train", overrides=[*overrides, f"paths.output_dir={directory}"])
+        rundir.check_checkpoints(cfg, stages=cfg.get("teacher") is not None)
+    except FewstepError as error:
+        fail(str(error))
+    except Exception:  # a config Hydra will reject in its own words, or one this cannot compose: train decides
+        return
+
+
 if __name__ == "__main__":
     check_overrides(sys.argv[1:])
+    preflight(sys.argv[1:])
     main()
