@@ -11,6 +11,7 @@ and reports the best (EDM's practice), mean and std, and ``protocol=paper`` sets
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -19,16 +20,18 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fewstep.checkpoints import EDM_SUFFIXES, load_method
 from fewstep.cli import check_overrides, user_errors
-from fewstep.errors import ConfigError
+from fewstep.errors import ConfigError, FewstepError
 from fewstep.generate import generate, resolve_device
 from fewstep.images import to_uint8
-from fewstep.metrics.score import check_metric, feature_extractor, reference_key, score, score_against_file
+from fewstep.metrics.score import feature_extractor, reference_key, score, score_against_file
+from fewstep.options import check_evaluate_options
+from fewstep.progress import Progress, duration
+from fewstep.run_config import build_data, read_run_config
 
 
 def training_config(ckpt: str, data_config: str | None, required: bool = True) -> DictConfig | None:
@@ -55,13 +58,11 @@ def training_config(ckpt: str, data_config: str | None, required: bool = True) -
             f"no training config at '{path}': pass data_config=PATH to the .hydra/config.yaml of the run "
             "that wrote the checkpoint, so that the reference images come from its data set"
         )
-    return OmegaConf.load(path)
+    return read_run_config(path)
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    check_metric(cfg.metric)
-    if cfg.n < 1:
-        raise ConfigError(f"n={cfg.n}: ask for at least one image (n>=1)")
+    check_evaluate_options(cfg)
     reference = file_reference(cfg)  # None: the real statistics come from the training images
     seeds = repeat_seeds(cfg.seed, cfg.n, cfg.get("repeats", 1))
     device = resolve_device(cfg.device)
@@ -71,19 +72,21 @@ def evaluate(cfg: DictConfig) -> dict:
     method = load_method(cfg.ckpt, map_location=device, weights=weights)
     if cfg.guidance and not method.num_classes:
         raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
-    datamodule = None if reference is not None else instantiate(train_cfg.data)
+    datamodule = None if reference is not None else build_data(train_cfg.data)
     real = None if reference is not None else datamodule.real_images(cfg.n)
     data_name = None if train_cfg is None else train_cfg.data._target_.rpartition(".")[2]
     cache_dir = Path(cfg.cache_dir).expanduser()
     extractor = feature_extractor(cfg.metric, datamodule, data_name, cache_dir).to(device)
     key = None if reference is not None else reference_key(data_name, datamodule.shape, cfg.metric, len(real))
 
-    def score_set(fake):
-        if reference is not None:
-            return score_against_file(extractor, reference, fake, cfg.batch_size)
-        return score(cfg.metric, extractor, real, fake, key, cache_dir, cfg.batch_size)
+    progress = Progress.from_config(cfg.get("progress"))
 
-    values, first, nfe, seconds = sample_and_score(cfg, method, seeds, score_set)
+    def score_set(fake, label):
+        if reference is not None:
+            return score_against_file(extractor, reference, fake, cfg.batch_size, progress, label)
+        return score(cfg.metric, extractor, real, fake, key, cache_dir, cfg.batch_size, progress, label)
+
+    values, first, nfe, seconds = sample_and_score(cfg, method, seeds, score_set, progress)
     repeats = summarise_repeats(values, seeds)
     value = repeats.get("best", values[0])
     row = {
@@ -119,26 +122,51 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def sample_and_score(
-    cfg: DictConfig, method, seeds: list[int], score_set
+    cfg: DictConfig, method, seeds: list[int], score_set, progress: Progress | None = None
 ) -> tuple[list[float], torch.Tensor, int, float]:
-    """Draw cfg.n samples from each first seed in ``seeds`` and score them with ``score_set(uint8 images)``.
+    """Draw cfg.n samples from each first seed in ``seeds`` and score them with ``score_set(uint8 images, label)``.
 
     One sample set is in memory at a time (50,000 images at 3 x 32 x 32 are 600 MB as floats). Returns the
     values, the first set as uint8 (for fid_domain's diversity), the NFE as counted and the sampling seconds.
+    ``progress`` shows each set's phases: sampling, features (inside ``score_set``) and statistics.
     """
+    progress = progress or Progress(enabled=False)
     options = {key: value for key, value in cfg.sampler.items() if key != "name"}
     values, first, seconds = [], None, 0.0
-    for seed in seeds:
-        start = time.perf_counter()
-        samples, _, nfe = generate(
-            method, cfg.n, cfg.sampler.name, cfg.nfe, seed, cfg.guidance, cfg.batch_size, cfg.grid, **options
+    for k, seed in enumerate(seeds):
+        label = f"set {k + 1}/{len(seeds)} " if len(seeds) > 1 else ""
+        progress.note(
+            f"{label}sampling {cfg.n} images (seeds {seed} to {seed + cfg.n - 1}): {cfg.sampler.name} at {cfg.nfe} NFE, "
+            f"{cfg.batch_size} per batch"
         )
-        seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        with progress.task(f"{label}sampling", cfg.n, "images") as task:
+            samples, _, nfe = generate(
+                method, cfg.n, cfg.sampler.name, cfg.nfe, seed, cfg.guidance, cfg.batch_size, cfg.grid,
+                callback=lambda info, task=task: task.update(info["done"]), **options,
+            )
+        sampled = time.perf_counter() - start
+        seconds += sampled
         fake = to_uint8(samples)
         del samples
-        values.append(score_set(fake))
+        start = time.perf_counter()
+        value = score_set(fake, label)
+        if not math.isfinite(value):
+            raise NonFiniteScore(
+                f"{cfg.metric} of the samples with seeds {seed} to {seed + cfg.n - 1} is {value}: the features of the "
+                "images or of the real reference are not finite; check the reference (ref=, or delete the cached "
+                f"statistics under {cfg.cache_dir}) and the feature network (python -m fewstep.metrics.weights)"
+            )
+        values.append(value)
+        if label:
+            progress.note(f"{label}{cfg.metric} = {value:.4g} (sampling {duration(sampled)}, scoring "
+                          f"{duration(time.perf_counter() - start)})")
         first = fake if first is None else first
     return values, first, nfe, seconds
+
+
+class NonFiniteScore(FewstepError):
+    """A score came out NaN or infinite: no result.json is written from it."""
 
 
 def file_reference(cfg: DictConfig) -> dict | None:

@@ -21,13 +21,25 @@ from fewstep.errors import ConfigError
 from fewstep.generate import resolve_device
 from fewstep.metrics.fid import warn_if_biased
 from fewstep.metrics.reference import stats_of_batches, write_npz_reference
+from fewstep.options import check_reference_options
+from fewstep.progress import Progress
 
 
 def uint8_batches(dataset, count: int, batch_size: int):
     """The first ``count`` images of a data set of (x in [-1, 1], y) as uint8 batches [B, C, H, W]
-    (the conversion of ``ImageDataModule.real_images``), one batch in memory at a time."""
+    (the conversion of ``ImageDataModule.real_images``), one batch in memory at a time.
+
+    An image holding NaN or infinite values stops in one line (``uint8`` would turn NaN into black pixels, and the
+    statistics would be wrong with no sign of it)."""
     for start in range(0, count, batch_size):
         x = torch.stack([dataset[i][0] for i in range(start, min(count, start + batch_size))])
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).nonzero().flatten().tolist()
+            named = ", ".join(str(start + k) for k in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise ConfigError(
+                f"training images {named} of the data set hold NaN or infinite values: no statistics were written; "
+                "check the data files (data.path / data.root) or leave those images out (data.limit)"
+            )
         yield ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -36,10 +48,7 @@ def fid_reference(cfg: DictConfig) -> dict:
 
     from fewstep.data.images import ImageDataModule
 
-    if cfg.n is not None and cfg.n < 2:
-        raise ConfigError(f"n={cfg.n}: reference statistics need at least 2 images (n>=2, or n=null for all)")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size={cfg.batch_size}: must be >= 1")
+    check_reference_options(cfg)
     datamodule = instantiate(cfg.data)
     data_name = cfg.data._target_.rpartition(".")[2]
     if not isinstance(datamodule, ImageDataModule):
@@ -59,9 +68,14 @@ def fid_reference(cfg: DictConfig) -> dict:
     warn_if_biased(count)
     console = Console()
     console.print(f"Inception features of {count} {data_name} images ({shape}) on {device} ...")
-    stats = stats_of_batches(
-        InceptionFeatures().to(device), uint8_batches(datamodule.train_set, count, cfg.batch_size), device
-    )
+    progress = Progress.from_config(cfg.get("progress"))
+    batches = progress.track(uint8_batches(datamodule.train_set, count, cfg.batch_size), "features", count, "images")
+    stats = stats_of_batches(InceptionFeatures().to(device), batches, device)
+    if not (torch.isfinite(stats["mean"]).all() and torch.isfinite(stats["cov"]).all()):
+        raise ConfigError(
+            f"the Inception features of the {count} images are not finite: no statistics were written to {out}; the "
+            "FID Inception weights are damaged: reinstall them (python -m fewstep.metrics.weights)"
+        )
     selection = "all" if count == available else f"the first {count} of {available}"
     settings = ", ".join(
         f"data.{key}={cfg.data[key]}" for key in ("path", "root", "split", "resolution", "limit", "val_size", "seed")

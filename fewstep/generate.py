@@ -4,35 +4,67 @@ in one process or split across the ranks of a distributed run."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
+from fewstep.errors import FewstepError
 from fewstep.images import to_uint8
 from fewstep.samplers import SeededNoise
 from fewstep.strategies import full_weights
 
 
+class NonFiniteSamples(FewstepError):
+    """A sampler returned NaN or infinite values: nothing is written or scored from them."""
+
+
 @torch.no_grad()
 def generate(
     method, n: int, sampler: str, nfe: int, seed: int = 0, guidance: float = 0.0, batch_size: int = 256,
-    grid: str | None = None, offset: int = 0,
+    grid: str | None = None, offset: int = 0, callback: Callable[[dict], None] | None = None, check_finite: bool = True,
     **solver_options,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Draw samples ``offset .. offset + n - 1`` from ``method.denoiser``; sample i depends on seed ``seed + i`` only.
 
     Conditional methods get class labels i mod num_classes and classifier-free guidance ``guidance``.
     ``grid`` None is the method's default time grid. Returns (samples, labels or None, NFE per sample as counted).
+
+    ``callback`` (k-diffusion style) gets a dict after each batch: ``i`` (the batch), ``done`` and ``total`` (samples
+    drawn so far, of n), ``x`` (the batch's samples) and ``seeds``. With ``check_finite`` a batch holding NaN or
+    infinite values stops the run with a one-line ``NonFiniteSamples`` that names their seeds (one cheap
+    ``isfinite(x).all()`` per batch).
     """
     indices = torch.arange(offset, offset + n, device=method.device)
     labels = indices % method.num_classes if method.num_classes else None
     out, nfe_used = [], 0
-    for start in range(0, n, batch_size):
+    for i, start in enumerate(range(0, n, batch_size)):
         seeds = range(seed + offset + start, seed + offset + min(n, start + batch_size))
         noise = SeededNoise(seeds, method.device)
         batch_labels = None if labels is None else labels[start : start + len(seeds)]
         samples, nfe_used = method.sample_batch(noise, sampler, nfe, batch_labels, guidance, grid, **dict(solver_options))
+        if check_finite and not torch.isfinite(samples).all():
+            raise NonFiniteSamples(non_finite_message(samples, seeds, n, guidance, solver_options))
         out.append(samples)
+        if callback is not None:
+            callback({"i": i, "done": start + len(seeds), "total": n, "x": samples, "seeds": seeds})
     return torch.cat(out), labels, nfe_used
+
+
+def non_finite_message(samples: torch.Tensor, seeds: range, n: int, guidance: float, options: dict | None = None) -> str:
+    """Which samples of a batch are not finite, and what to do about it (one line)."""
+    bad = (~torch.isfinite(samples.reshape(len(samples), -1))).any(dim=1).nonzero().flatten().tolist()
+    named = ", ".join(str(seeds[k]) for k in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    fixes = ["check the checkpoint (python -m fewstep.sample weights=raw ...)"]
+    if guidance:
+        fixes.append(f"lower guidance (now {guidance:g})")
+    given = [f"sampler.{key}={value}" for key, value in (options or {}).items() if value is not None]
+    if given:
+        fixes.append(f"the sampler's options ({', '.join(given)})")
+    return (
+        f"{len(bad)} of the {len(seeds)} samples with seeds {seeds.start} to {seeds.stop - 1} hold NaN or infinite "
+        f"values (seeds {named}); stopped before writing or scoring any of the {n} samples: the model returns "
+        f"non-finite values: {', or '.join(fixes)}"
+    )
 
 
 def rank_shard(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -60,8 +92,11 @@ def generate_across_ranks(
     """
     offset, count = rank_shard(n, trainer.global_rank, trainer.world_size)
     with full_weights(trainer):
+        # No finiteness stop here: one rank raising alone would leave the others waiting at the gather, and a
+        # callback during training (grids, SamplerBenchmark) must not end the run; training stops on a NaN loss.
         shard, _, nfe_used = generate(
-            pl_module, count, sampler, nfe, seed, guidance, batch_size, grid, offset=offset, **solver_options
+            pl_module, count, sampler, nfe, seed, guidance, batch_size, grid, offset=offset, check_finite=False,
+            **solver_options,
         )
     samples = gather_in_order(trainer, to_uint8(shard) if uint8 and shard.ndim == 4 else shard, n)
     # The shards are consecutive and equal, so the first `preview` samples lie in the ranks' first `preview`.
@@ -77,6 +112,8 @@ def gather_in_order(trainer, part: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: cuda when available, else cpu; any other name as torch reads it (``fewstep.options.check_device``
+    has checked it first)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

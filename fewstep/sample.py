@@ -16,19 +16,25 @@ from fewstep.cli import check_overrides, user_errors
 from fewstep.errors import ConfigError
 from fewstep.generate import generate, resolve_device
 from fewstep.images import save_grid, to_uint8
+from fewstep.options import check_sample_options
+from fewstep.progress import Progress
 
 
 def sample_checkpoint(cfg: DictConfig) -> dict:
-    if cfg.n < 1:
-        raise ConfigError(f"n={cfg.n}: ask for at least one sample (n>=1)")
-    method = load_method(cfg.ckpt, map_location=resolve_device(cfg.device), weights=cfg.get("weights", "ema"))
+    check_sample_options(cfg)
+    device = resolve_device(cfg.device)
+    method = load_method(cfg.ckpt, map_location=device, weights=cfg.get("weights", "ema"))
     if cfg.guidance and not method.num_classes:
         raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
+    progress = Progress.from_config(cfg.get("progress"))
+    progress.note(f"sampling {cfg.n} samples: {cfg.sampler.name} at {cfg.nfe} NFE, {cfg.batch_size} per batch, on {device}")
     start = time.perf_counter()
-    samples, labels, nfe = generate(
-        method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size, cfg.grid,
-        **{key: value for key, value in cfg.sampler.items() if key != "name"},
-    )
+    with progress.task("sampling", cfg.n, "samples") as task:
+        samples, labels, nfe = generate(
+            method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size, cfg.grid,
+            callback=lambda info: task.update(info["done"]),
+            **{key: value for key, value in cfg.sampler.items() if key != "name"},
+        )
     seconds = time.perf_counter() - start
 
     out = Path(cfg.paths.output_dir)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import timedelta
 from typing import Any, TextIO
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
+
+from fewstep.progress import ProgressLine, count_text, duration, use_rich
+
+__all__ = ["TextProgress", "auto_progress_bar", "duration"]
 
 
 class TextProgress(ProgressBar):
@@ -30,7 +33,8 @@ class TextProgress(ProgressBar):
     steps per second and the time left, every ``interval`` seconds (0: every step). Rank zero prints.
 
     The rate is that of the training steps since the previous line (validation time left out); the time
-    left is the remaining steps at the rate of the whole run so far, validations and checkpoints included.
+    left is the remaining steps at the rate of the whole run so far, validations and checkpoints included
+    (``fewstep.progress.ProgressLine``, which the sampling entry points' lines share).
     """
 
     def __init__(self, interval: float = 30.0, stream: TextIO | None = None) -> None:
@@ -40,13 +44,9 @@ class TextProgress(ProgressBar):
         self.interval = float(interval)
         self._stream = stream  # None: sys.stdout as it is when a line is written
         self._enabled = True
-        self._fit_start = 0.0  # wall clock at the start of this fit
-        self._fit_start_step = 0  # global step at the start of this fit (a resumed run starts past 0)
-        self._last_time = 0.0  # when the previous training line was written ...
-        self._last_step = 0  # ... at which global step
-        self._validation_seconds = 0.0  # spent validating since the previous training line
+        # the steps of this fit (a resumed run starts past 0), the previous line, the validation time since it
+        self._line = ProgressLine(time.perf_counter)
         self._validation_start = 0.0
-        self._printed_step: int | None = None
 
     # ProgressBar's interface
     def disable(self) -> None:
@@ -81,10 +81,7 @@ class TextProgress(ProgressBar):
         return None
 
     def _step_text(self, step: int) -> str:
-        total = self.total_steps
-        if total:
-            return f"{step}/{total} ({100 * step // total}%)"
-        return str(step)
+        return count_text(step, self.total_steps)
 
     def _metrics_text(self, validation: bool) -> list[str]:
         parts = []
@@ -100,32 +97,19 @@ class TextProgress(ProgressBar):
 
     def _train_line(self, now: float) -> None:
         step = self.trainer.global_step
-        seconds = now - self._last_time - self._validation_seconds
-        rate = (step - self._last_step) / seconds if seconds > 0 else float("nan")
-        parts = [f"step {self._step_text(step)}", *self._metrics_text(validation=False), f"{rate:.3g} it/s"]
-        total, elapsed = self.total_steps, now - self._fit_start
-        done = step - self._fit_start_step
-        if total and done > 0 and elapsed > 0:
-            parts.append(f"ETA {duration(max(total - step, 0) * elapsed / done)}")
-        parts.append(f"elapsed {duration(elapsed)}")
-        self._write(" | ".join(parts))
-        self._last_time, self._last_step, self._validation_seconds = now, step, 0.0
-        self._printed_step = step
+        self._write(self._line.line("step", step, self.total_steps, self._metrics_text(validation=False), "it", now))
 
     # Lightning's hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start = self._last_time = time.perf_counter()
-        self._fit_start_step = self._last_step = trainer.global_step
-        self._validation_seconds, self._printed_step = 0.0, None
+        self._line.start(trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         now = time.perf_counter()
-        if self._printed_step is None or now - self._last_time >= self.interval:
-            if trainer.global_step != self._printed_step:
-                self._train_line(now)
+        if self._line.due(self.interval, now) and trainer.global_step != self._line.printed:
+            self._train_line(now)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step != self._printed_step:
+        if trainer.global_step != self._line.printed:
             self._train_line(time.perf_counter())
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -135,15 +119,10 @@ class TextProgress(ProgressBar):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = time.perf_counter() - self._validation_start
-        self._validation_seconds += seconds
+        self._line.pause(seconds)
         if not trainer.sanity_checking:
             parts = [f"validation at step {self._step_text(trainer.global_step)}", *self._metrics_text(validation=True)]
             self._write(" | ".join([*parts, f"{seconds:.1f} s"]))
-
-
-def duration(seconds: float) -> str:
-    """H:MM:SS (days too when there are any)."""
-    return str(timedelta(seconds=round(seconds)))
 
 
 def auto_progress_bar(interval: float = 30.0, mode: str = "auto", **rich_options: Any) -> ProgressBar:
@@ -152,9 +131,4 @@ def auto_progress_bar(interval: float = 30.0, mode: str = "auto", **rich_options
     ``mode``: auto (decide by ``sys.stdout.isatty()``), rich or text. ``interval``: seconds between the
     text lines. ``rich_options`` go to ``RichProgressBar`` (refresh_rate, leave, theme, ...).
     """
-    if mode not in ("auto", "rich", "text"):
-        raise ValueError(f"progress bar mode '{mode}': choose auto, rich or text")
-    if mode == "auto":
-        isatty = getattr(sys.stdout, "isatty", None)
-        mode = "rich" if isatty is not None and isatty() else "text"
-    return RichProgressBar(**rich_options) if mode == "rich" else TextProgress(interval=interval)
+    return RichProgressBar(**rich_options) if use_rich(mode) else TextProgress(interval=interval)
