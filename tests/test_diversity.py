@@ -1,5 +1,7 @@
 """Diversity metrics: improved precision/recall and class coverage, on cases whose answer is known."""
 
+import math
+
 import torch
 
 from fewstep.metrics.diversity import class_coverage, knn_radii, precision_recall
@@ -49,3 +51,10 @@ def test_a_domain_classifier_trained_on_too_few_images_is_flagged(tmp_path, monk
     monkeypatch.setattr(domain, "domain_features", lambda *args, **kwargs: Poor())
     with pytest.warns(UserWarning, match="held-out accuracy .* use metric=fid"):
         feature_extractor("fid_domain", Digits(limit=40, val_size=8), "Digits", tmp_path)
+
+
+def test_precision_and_recall_are_undefined_for_k_points_or_fewer():
+    points = torch.randn(3, 4)
+    assert all(math.isnan(v) for v in precision_recall(points, torch.randn(10, 4), k=3))
+    assert all(math.isnan(v) for v in precision_recall(torch.randn(10, 4), points, k=3))
+    assert not any(math.isnan(v) for v in precision_recall(torch.randn(4, 4), torch.randn(4, 4), k=3))

@@ -57,7 +57,12 @@ def manifold_coverage(points: Tensor, support: Tensor, k: int = 3) -> float:
 
 
 def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
-    """(precision, recall) of features ``fake`` [N, D] against ``real`` [M, D], with k-NN manifolds (k = 3)."""
+    """(precision, recall) of features ``fake`` [N, D] against ``real`` [M, D], with k-NN manifolds (k = 3).
+
+    Undefined (NaN, NaN) when either set has k points or fewer: no point has k neighbours among the others.
+    """
+    if min(len(real), len(fake)) <= k:
+        return float("nan"), float("nan")
     real, fake = real.double(), fake.double()
     return manifold_coverage(fake, real, k), manifold_coverage(real, fake, k)
 
