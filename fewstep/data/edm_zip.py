@@ -19,13 +19,21 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms.v2 import functional as TF
 
-from fewstep.data.images import ImageDataModule
-from fewstep.errors import DatasetNotFound
+from fewstep.data.images import MAX_IMAGE_SIDE, ImageDataModule, open_image
+from fewstep.errors import DatasetNotFound, one_line
 
 HOW_TO_MAKE = (
     "make one with EDM's dataset_tool.py (python dataset_tool.py --source=DIR_OR_ARCHIVE --dest=NAME.zip), "
     "or point data.path at a folder of PNG images (labels, if any, in its dataset.json)"
 )
+
+# Bounds on what the files of a data set may make the reader allocate, each checked before the allocation.
+MAX_DOWNSCALE = 16  # with data.resolution=N an image may be up to 16N a side (FFHQ's 1024 read at 64)
+MAX_EDM_IMAGE_SIDE = 4096  # without data.resolution (EDM's data sets: 32 to 512; FFHQ's originals 1024)
+MAX_CLASSES = 100_000  # class labels lie in [0, MAX_CLASSES) (ImageNet-21k has 21,841)
+MAX_DATASET_JSON_BYTES = 256 << 20  # dataset.json (ImageNet's 1.28M labels take about 45 MB)
+METADATA_BYTES = 1 << 20  # what an image file may hold beyond its pixels (ICC profile, EXIF, text chunks)
+IMAGE_FILE_BYTES_PER_PIXEL = 8  # an uncompressed 16-bit RGBA pixel: the most a pixel takes in an image file
 
 
 class EDMZip(ImageDataModule):
@@ -62,7 +70,8 @@ class EDMZip(ImageDataModule):
     def _archive(self) -> _Archive:
         if self.path is None:
             raise DatasetNotFound(f"data=edm_zip needs data.path=PATH to a .zip or folder of images: {HOW_TO_MAKE}")
-        return _Archive(Path(self.path).expanduser())
+        max_side = MAX_EDM_IMAGE_SIDE if self.resolution is None else min(MAX_IMAGE_SIDE, MAX_DOWNSCALE * self.resolution)
+        return _Archive(Path(self.path).expanduser(), max_side)
 
     def _image_names(self) -> list[str]:
         if self._names is None:
@@ -95,6 +104,7 @@ class EDMZip(ImageDataModule):
             labels = torch.zeros(len(names), dtype=torch.int64)  # unconditional: class 0 everywhere, never used
         expected = self._first_image_shape()
         train_idx, val_idx = self._split_indices(len(names))
+        self._check_memory(len(train_idx) + len(val_idx), expected)
         with self._archive() as archive:  # decode only the images kept (data.limit)
 
             def dataset(indices: torch.Tensor) -> TensorDataset:
@@ -111,6 +121,23 @@ class EDMZip(ImageDataModule):
 
             return dataset(train_idx), dataset(val_idx)
 
+    def _check_memory(self, count: int, shape: tuple[int, int, int]) -> None:
+        """Refuses a set whose decoded images cannot fit in this machine's memory, before allocating them: many
+        small, well-compressed files can declare far more pixels than the archive's size suggests."""
+        channels, height, width = shape
+        side = self.resolution
+        needed = count * channels * (height * width * 5 + (side * side * 4 if side else 0))  # uint8, float32, resized
+        try:
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # no sysconf (Windows): nothing to compare with
+            return
+        if needed > available:
+            raise DatasetNotFound(one_line(
+                f"{self.path}: its {count} images of {_describe(shape)} need {needed / 2**30:.1f} GiB in memory, more "
+                f"than this machine's {available / 2**30:.1f} GiB: set data.limit=N, a smaller data.resolution, or "
+                "make a smaller data set with EDM's dataset_tool.py --resolution"
+            ))
+
     def _to_model_range(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(torch.float32) / self.MAX_VALUE * 2 - 1
         if self.resolution is not None and tuple(images.shape[-2:]) != (self.resolution, self.resolution):
@@ -124,10 +151,12 @@ def _describe(shape) -> str:
 
 
 class _Archive:
-    """Read access to the files of a zip or a folder, by relative path with '/' separators."""
+    """Read access to the files of a zip or a folder, by relative path with '/' separators; images no larger than
+    ``max_side`` a side."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_side: int = MAX_EDM_IMAGE_SIDE) -> None:
         self.path = path
+        self.max_side = max_side
         self.zip: zipfile.ZipFile | None = None
         if path.is_dir():
             self.files = {
@@ -151,13 +180,24 @@ class _Archive:
         if self.zip is not None:
             self.zip.close()
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, max_bytes: int, bound: str) -> bytes:
+        """The file's bytes, refused before reading when it declares more than ``max_bytes`` (a zip member's
+        uncompressed size, a file's size on disk); ``bound`` says where that number comes from, for the message."""
         try:
+            if self.zip is not None:
+                size = self.zip.getinfo(name).file_size  # zipfile stops at this size, and checks the CRC there
+            else:
+                size = (self.path / name).stat().st_size
+            if size > max_bytes:
+                raise DatasetNotFound(one_line(
+                    f"refusing {name} in {self.path}: it declares {size} bytes, more than the {max_bytes} {bound}: "
+                    "the data set is damaged; remake it with EDM's dataset_tool.py (its --resolution resizes images)"
+                ))
             if self.zip is not None:
                 return self.zip.read(name)
             return (self.path / name).read_bytes()
-        except (OSError, KeyError, zipfile.BadZipFile) as error:
-            raise DatasetNotFound(f"cannot read {name} from {self.path}: {error}") from error
+        except (OSError, KeyError, zipfile.BadZipFile, EOFError) as error:
+            raise DatasetNotFound(one_line(f"cannot read {name} from {self.path}: {error}")) from error
 
     def image_names(self) -> list[str]:
         import PIL.Image
@@ -170,15 +210,18 @@ class _Archive:
 
     def read_image(self, name: str) -> torch.Tensor:
         """uint8 [C, H, W]: mode L as one channel, RGB as three, any other mode converted to RGB."""
-        import PIL.Image
-
-        try:
-            with PIL.Image.open(io.BytesIO(self.read(name))) as image:
+        max_bytes = IMAGE_FILE_BYTES_PER_PIXEL * self.max_side**2 + METADATA_BYTES
+        where = f"{name} in {self.path}"
+        bound = f"an image file of at most {self.max_side}x{self.max_side} pixels can need"
+        with open_image(io.BytesIO(self.read(name, max_bytes, bound)), where, self.max_side) as image:
+            try:
                 if image.mode not in ("L", "RGB"):
                     image = image.convert("RGB")
                 array = np.asarray(image, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
-            raise DatasetNotFound(f"cannot decode {name} in {self.path}: {error}") from error
+            except MemoryError:
+                raise
+            except Exception as error:  # the header read, the pixels do not decode (PIL raises many kinds)
+                raise DatasetNotFound(one_line(f"cannot decode {where}: {type(error).__name__}: {error}")) from None
         if array.ndim == 2:
             array = array[:, :, None]
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
@@ -187,26 +230,39 @@ class _Archive:
         """Class labels of ``names`` from dataset.json; None without the file or with ``"labels": null``."""
         if "dataset.json" not in self.files:
             return None
+        where = f"dataset.json in {self.path}"
         try:
-            labels = json.loads(self.read("dataset.json"))["labels"]
+            labels = json.loads(self.read("dataset.json", MAX_DATASET_JSON_BYTES, "fewstep reads as labels"))["labels"]
+        except RecursionError:  # json's parser recurses once per level of nesting
+            raise DatasetNotFound(one_line(
+                f"{where} nests deeper than a JSON parser can follow: EDM's format is {{\"labels\": [[file, label], ...]}}"
+            )) from None
         except (ValueError, KeyError, TypeError) as error:
-            raise DatasetNotFound(
-                f"dataset.json in {self.path} is not EDM's format {{\"labels\": [[file, label], ...]}}: {error!r}"
-            ) from error
+            raise DatasetNotFound(one_line(
+                f"{where} is not EDM's format {{\"labels\": [[file, label], ...]}}: {str(error)[:200]!r}"
+            )) from error
         if labels is None:
             return None
-        try:
-            by_name = {str(name).replace("\\", "/"): label for name, label in labels}
-        except (TypeError, ValueError) as error:
-            raise DatasetNotFound(f"dataset.json in {self.path}: labels must be [file, label] pairs ({error})") from error
+        pairs = labels if isinstance(labels, list) else None
+        if pairs is None or not all(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
+            raise DatasetNotFound(one_line(
+                f"{where}: labels must be a list of [file, label] pairs, as EDM's dataset_tool.py writes"
+            ))
+        by_name = {name.replace("\\", "/"): label for name, label in pairs}
         missing = [name for name in names if name not in by_name]
         if missing:
-            raise DatasetNotFound(
-                f"dataset.json in {self.path} has no label for {len(missing)} of {len(names)} images (first: {missing[0]})"
-            )
+            raise DatasetNotFound(one_line(
+                f"{where} has no label for {len(missing)} of {len(names)} images (first: {missing[0]})"
+            ))
         values = [by_name[name] for name in names]
-        if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in values):
-            raise DatasetNotFound(
-                f"dataset.json in {self.path}: fewstep reads integer class labels >= 0 only, not vectors or other values"
-            )
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+            raise DatasetNotFound(one_line(
+                f"{where}: fewstep reads integer class labels >= 0 only, not vectors or other values"
+            ))
+        outside = next((name for name, value in zip(names, values) if not 0 <= value < MAX_CLASSES), None)
+        if outside is not None:
+            raise DatasetNotFound(one_line(
+                f"{where}: the label {str(by_name[outside])[:30]} of {outside} is outside [0, {MAX_CLASSES}): class labels are "
+                f"0, 1, ..., number of classes - 1, and fewstep reads at most {MAX_CLASSES} classes"
+            ))
         return torch.tensor(values, dtype=torch.int64)

@@ -15,6 +15,44 @@ from torchvision.transforms.v2 import functional as TF
 from fewstep.data.loaders import ResumableTrainOrder, make_loader
 from fewstep.errors import ConfigError, DatasetNotFound, one_line
 
+# Bounds on one image file, checked from its header before it is decoded: a small file can declare a huge image.
+MAX_IMAGE_SIDE = 16_384  # pixels per side (a 60-megapixel camera's photos are 9,500 wide)
+MAX_IMAGE_PIXELS = 1 << 26  # width x height (67M: 200 MB as RGB while it is decoded; PIL itself refuses 179M)
+
+
+def open_image(source, where: str, max_side: int = MAX_IMAGE_SIDE):
+    """PIL's image of ``source`` (a path or a file object), its declared size checked before any pixel is decoded;
+    an image too large, a decompression bomb or an undecodable file is a one-line DatasetNotFound naming ``where``."""
+    import PIL.Image
+
+    try:
+        image = PIL.Image.open(source)
+    except PIL.Image.DecompressionBombError as error:
+        raise DatasetNotFound(one_line(f"refusing {where}: {error}")) from None
+    except MemoryError:
+        raise
+    except Exception as error:  # UnidentifiedImageError (an OSError), and whatever a plugin raises on a bad header
+        raise DatasetNotFound(one_line(f"cannot decode {where}: {type(error).__name__}: {error}")) from None
+    width, height = image.size
+    if max(width, height) > max_side or width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise DatasetNotFound(one_line(
+            f"refusing {where}: it declares {width}x{height} pixels, more than the {max_side} a side and "
+            f"{MAX_IMAGE_PIXELS} in all that fewstep reads here: resize the data set's images, or raise data.resolution"
+        ))
+    return image
+
+
+def _load_rgb(path: str):
+    """torchvision's image loader (RGB), with the size checked before decoding."""
+    with open_image(path, path) as image:
+        try:
+            return image.convert("RGB")
+        except MemoryError:
+            raise
+        except Exception as error:  # a header that reads, pixels that do not decode (PIL raises many kinds)
+            raise DatasetNotFound(one_line(f"cannot decode {path}: {type(error).__name__}: {error}")) from None
+
 
 class ImageDataModule(ResumableTrainOrder, L.LightningDataModule):
     """Base class: seeded shuffle, optional `limit`, held-out validation split, optional resize.
@@ -300,7 +338,7 @@ class ImageFolder(ImageDataModule):
         )
         try:
             # torchvision's default loader already converts every image to RGB.
-            folder = datasets.ImageFolder(self.root, transform=transform)
+            folder = datasets.ImageFolder(self.root, transform=transform, loader=_load_rgb)
         except FileNotFoundError as error:
             raise self._not_found() from error
         train_idx, val_idx = self._split_indices(len(folder))

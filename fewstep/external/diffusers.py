@@ -20,16 +20,45 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from fewstep.errors import CheckpointError, ConfigError, one_line
+from fewstep.errors import CheckpointError, ConfigError, FewstepError, one_line
 from fewstep.networks.preconditioning import PreconditionedDenoiser
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # What fixes abar_t; the rest of a scheduler config (DDIM's, PNDM's, ...) is about sampling.
 BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr")
+
+# Bounds on what a model folder's configs may ask for, checked before diffusers allocates anything from them; each is
+# far beyond the pixel-space DDPM-family models fewstep reads and far below what would exhaust a machine.
+MAX_CONFIG_BYTES = 16 << 20  # one config file (trained_betas for 100,000 steps take about 2.5 MB)
+MAX_CONFIG_DEPTH = 8  # nesting of a config value (diffusers' configs: a list of numbers or names, one level)
+MAX_TRAIN_TIMESTEPS = 100_000  # discrete training steps (DDPM: 1,000; iDDPM: 4,000)
+MAX_SAMPLE_SIZE = 4096  # pixels a side (pixel-space models: 32 to 1024)
+MAX_IMAGE_CHANNELS = 64  # in_channels and out_channels (images: 1 to 4, twice that with learned variance)
+MAX_BLOCK_CHANNELS = 4096  # channels of a block, groups, head size (ADM's widest block: 1536)
+MAX_BLOCKS = 16  # down blocks, and up blocks (DDPM at 256 x 256: 6)
+MAX_LAYERS_PER_BLOCK = 16  # (ADM: 3)
+MAX_CLASSES = 100_000  # num_class_embeds (ImageNet-21k has 21,841 classes)
+MAX_UNET_PARAMETERS = 2_000_000_000  # counted on torch's meta device before any weight exists (ADM's largest: ~550M)
+
+# UNet2DModel's integer arguments: (smallest, largest, None allowed)
+_UNET_INTEGERS = {
+    "in_channels": (1, MAX_IMAGE_CHANNELS, False),
+    "out_channels": (1, MAX_IMAGE_CHANNELS, False),
+    "layers_per_block": (1, MAX_LAYERS_PER_BLOCK, False),
+    "norm_num_groups": (1, MAX_BLOCK_CHANNELS, True),
+    "attn_norm_num_groups": (1, MAX_BLOCK_CHANNELS, True),
+    "attention_head_dim": (1, MAX_BLOCK_CHANNELS, True),
+    "time_embedding_dim": (1, 4 * MAX_BLOCK_CHANNELS, True),
+    "num_class_embeds": (1, MAX_CLASSES, True),
+    "num_train_timesteps": (1, MAX_TRAIN_TIMESTEPS, True),
+    "downsample_padding": (0, 16, False),
+}
 
 
 def _import_diffusers():
@@ -40,6 +69,138 @@ def _import_diffusers():
             f'reading a diffusers model needs diffusers ({e}): pip install "fewstep[diffusers]" (or pip install diffusers)'
         ) from None
     return diffusers
+
+
+def _is_list(value) -> bool:
+    """A list in a config: JSON's, a tuple of diffusers' FrozenDict, or OmegaConf's ListConfig from a Hydra node."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_finite(value, key: str, depth: int = 0) -> str | None:
+    """Why a config value holds a number that is not finite (or nests too deep to look), or None."""
+    if depth > MAX_CONFIG_DEPTH:
+        return f"{key} nests deeper than {MAX_CONFIG_DEPTH} levels"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key} is {value}, not a finite number"
+    if _is_list(value):
+        return next((p for p in (_non_finite(v, key, depth + 1) for v in value) if p), None)
+    if isinstance(value, Mapping):
+        return next((p for p in (_non_finite(v, f"{key}.{k}", depth + 1) for k, v in value.items()) if p), None)
+    return None
+
+
+def _in_range(value, low, high, integer: bool) -> bool:
+    return (_is_integer(value) if integer else _is_number(value)) and low <= value <= high
+
+
+def _beta_problem(config: dict) -> str | None:
+    """Why a scheduler config's betas are not a DDPM schedule (or would take unbounded work to compute), or None:
+    checked before diffusers computes them."""
+    problem = next((p for p in (_non_finite(v, str(k)) for k, v in config.items()) if p), None)
+    if problem:
+        return problem
+    steps = config.get("num_train_timesteps", 1000)
+    if not _in_range(steps, 2, MAX_TRAIN_TIMESTEPS, integer=True):
+        return f"num_train_timesteps is {str(steps)[:40]}, not an integer in [2, {MAX_TRAIN_TIMESTEPS}]"
+    for key in ("beta_start", "beta_end"):
+        if key in config and not (_is_number(config[key]) and 0 < config[key] < 1):
+            return f"{key} is {str(config[key])[:40]}, not a number in (0, 1)"
+    betas = config.get("trained_betas")
+    if betas is not None:
+        if not _is_list(betas) or not 2 <= len(betas) <= MAX_TRAIN_TIMESTEPS:
+            return f"trained_betas is not a list of 2 to {MAX_TRAIN_TIMESTEPS} numbers"
+        outside = next((i for i, beta in enumerate(betas) if not (_is_number(beta) and 0 < beta < 1)), None)
+        if outside is not None:
+            return f"trained_betas[{outside}] is {str(betas[outside])[:40]}, not a number in (0, 1)"
+        if "num_train_timesteps" in config and len(betas) != steps:
+            return f"trained_betas has {len(betas)} entries but num_train_timesteps is {steps}"
+    if not isinstance(config.get("rescale_betas_zero_snr", False), bool):
+        return "rescale_betas_zero_snr is not true or false"
+    return None
+
+
+def _unet_problem(config: dict) -> str | None:
+    """Why a UNet2DModel config is not a DDPM-family model within the bounds above, or None: checked before diffusers
+    builds anything from it."""
+    problem = next((p for p in (_non_finite(v, str(k)) for k, v in config.items()) if p), None)
+    if problem:
+        return problem
+    for key, (low, high, optional) in _UNET_INTEGERS.items():
+        value = config.get(key)
+        if key in config and not (value is None and optional) and not _in_range(value, low, high, integer=True):
+            return f"{key} is {str(value)[:40]}, not an integer in [{low}, {high}]"
+    size = config.get("sample_size")
+    sides = size if _is_list(size) and len(size) == 2 else [size]
+    if size is not None and not all(_in_range(side, 1, MAX_SAMPLE_SIZE, integer=True) for side in sides):
+        return f"sample_size is {str(size)[:40]}, not an integer (or two) in [1, {MAX_SAMPLE_SIZE}]"
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        value = config.get(key, [0])
+        if not _is_list(value) or not 1 <= len(value) <= MAX_BLOCKS:
+            return f"{key} is not a list of 1 to {MAX_BLOCKS} entries"
+    channels = config.get("block_out_channels")
+    if channels is not None and not all(_in_range(c, 1, MAX_BLOCK_CHANNELS, integer=True) for c in channels):
+        return f"block_out_channels is {str(channels)[:80]}, not integers in [1, {MAX_BLOCK_CHANNELS}]"
+    for key in ("down_block_types", "up_block_types"):
+        if key in config and not all(isinstance(name, str) for name in config[key]):
+            return f"{key} holds something other than block names"
+    return None
+
+
+def _count_parameters(config: dict) -> int:
+    """The UNet's parameters, counted on torch's meta device: nothing is allocated, whatever the config asks for."""
+    diffusers = _import_diffusers()
+    with torch.device("meta"):
+        unet = diffusers.UNet2DModel.from_config(dict(config))  # a dict: anything else diffusers takes for a hub name
+    return sum(parameter.numel() for parameter in unet.parameters())
+
+
+def check_diffusers_configs(unet_config: dict, scheduler_config: dict) -> tuple[str, str] | None:
+    """(which config: "unet" or "scheduler", why) for configs fewstep refuses to build, or None. Cheap checks first;
+    then the UNet is built on the meta device to count its parameters."""
+    for which, problem in (("scheduler", _beta_problem(scheduler_config)), ("unet", _unet_problem(unet_config))):
+        if problem:
+            return which, problem
+    kind = unet_config.get("time_embedding_type", "positional"), unet_config.get("class_embed_type")
+    if kind != ("positional", None):  # "learned" sizes an embedding by num_train_timesteps: refuse before building
+        return "unet", (
+            f"the UNet has time_embedding_type={str(kind[0])[:40]!r}, class_embed_type={str(kind[1])[:40]!r}: fewstep "
+            "reads DDPM-family UNet2DModels with positional time embedding and integer labels (num_class_embeds)"
+        )
+    try:
+        parameters = _count_parameters(unet_config)
+    except FewstepError:
+        raise
+    except Exception as error:  # diffusers refuses the config (block names, mismatched lists)
+        return "unet", f"diffusers cannot build a UNet2DModel from it ({type(error).__name__}: {str(error)[:200]})"
+    if parameters > MAX_UNET_PARAMETERS:
+        return "unet", f"it describes a UNet of {parameters} parameters, more than the {MAX_UNET_PARAMETERS} fewstep reads"
+    betas = _betas(scheduler_config)
+    if betas is not None and not (torch.isfinite(betas).all() and (betas > 0).all() and (betas < 1).all()):
+        outside = int((~(torch.isfinite(betas) & (betas > 0) & (betas < 1))).nonzero()[0])
+        return "scheduler", (
+            f"its schedule gives beta_{outside} = {float(betas[outside]):.6g}, outside (0, 1) (with "
+            "rescale_betas_zero_snr the last beta is 1: an infinite sigma): fewstep needs every beta in (0, 1)"
+        )
+    return None
+
+
+def _betas(scheduler_config: dict) -> torch.Tensor | None:
+    """The betas diffusers' own code makes of a (checked) scheduler config, or None where it makes none."""
+    try:
+        scheduler = _import_diffusers().DDPMScheduler(
+            **{k: scheduler_config[k] for k in BETA_KEYS if k in scheduler_config}
+        )
+    except (NotImplementedError, ValueError, TypeError):  # DiffusersDenoiser says why, with the schedules it takes
+        return None
+    return scheduler.betas.double()
 
 
 def _scheduler_problem(config: dict) -> str | None:
@@ -72,6 +233,9 @@ class DiffusersDenoiser(PreconditionedDenoiser):
         problem = _scheduler_problem(scheduler_config)
         if problem:
             raise ConfigError(one_line(problem))
+        refused = check_diffusers_configs(unet_config, scheduler_config)  # before anything is allocated from them
+        if refused:
+            raise ConfigError(one_line(f"the diffusers {refused[0]} config: {refused[1]}"))
         self.unet_config, self.scheduler_config = dict(unet_config), dict(scheduler_config)
         self.unet = diffusers.UNet2DModel.from_config(self.unet_config)
         self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
@@ -161,10 +325,31 @@ class DiffusersDenoiser(PreconditionedDenoiser):
 
 
 def _read_json(file: Path) -> dict:
+    """A config file's JSON object; too big, too deep, not an object or not JSON is a one-line CheckpointError."""
     try:
-        return json.loads(file.read_text())
+        size = file.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise CheckpointError(one_line(
+                f"refusing {file}: {size} bytes, more than the {MAX_CONFIG_BYTES} a diffusers config needs"
+            ))
+        config = json.loads(file.read_bytes())
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise CheckpointError(one_line(f"refusing {file}: it nests deeper than a JSON parser can follow")) from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(one_line(f"cannot read {file} ({e}): restore it from the model's source")) from None
+        raise CheckpointError(one_line(f"cannot read {file} ({str(e)[:200]}): restore it from the model's source")) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(one_line(f"{file} holds a JSON {type(config).__name__}, not an object of settings"))
+    return config
+
+
+def _check_weights(unet_dir: Path) -> None:
+    """Torch-format weights are read by torch.load, which allocates sizes a file declares: refuse those it cannot
+    hold (safetensors checks its own header against the file's size, and diffusers prefers it when present)."""
+    from fewstep.external.edm_pickle import check_torch_archive
+
+    if not any(unet_dir.glob("*.safetensors")):
+        for weights in sorted(unet_dir.glob("*.bin")):
+            check_torch_archive(weights)
 
 
 def _locate(path: Path) -> tuple[Path, Path]:
@@ -201,6 +386,11 @@ def load_diffusers(path, data_shape=None, num_classes: int = 0) -> DiffusersDeno
     problem = _scheduler_problem(scheduler_config)
     if problem:
         raise CheckpointError(one_line(f"{scheduler_file}: {problem}"))
+    refused = check_diffusers_configs(_read_json(unet_dir / "config.json"), scheduler_config)
+    if refused:
+        file = scheduler_file if refused[0] == "scheduler" else unet_dir / "config.json"
+        raise CheckpointError(one_line(f"{file}: {refused[1]}: use the model's own configuration files"))
+    _check_weights(unet_dir)
     try:
         # low_cpu_mem_usage needs accelerate; asking for it without accelerate only prints a warning
         low_memory = importlib.util.find_spec("accelerate") is not None
@@ -220,6 +410,6 @@ def is_diffusers_folder(path) -> bool:
     if (path / "model_index.json").is_file() or (path / "unet").is_dir():
         return True
     try:
-        return json.loads((path / "config.json").read_text()).get("_class_name") == "UNet2DModel"
-    except (OSError, ValueError, AttributeError):
+        return _read_json(path / "config.json").get("_class_name") == "UNet2DModel"
+    except CheckpointError:
         return False

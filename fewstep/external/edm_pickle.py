@@ -12,8 +12,10 @@ from __future__ import annotations
 import collections
 import inspect
 import io
+import math
 import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,41 @@ import torch
 from fewstep.errors import CheckpointError, one_line
 
 _NOT_EDM = "the file is not an EDM network pickle, and fewstep does not run code from pickles"
+
+# Bounds on what a file may make the reader do. EDM's biggest networks (ADM at ImageNet-64, ~300M parameters) have
+# a few thousand modules nested fewer than 20 deep, so each bound is far above a real snapshot and far below harm.
+MAX_RECORD_DEPTH = 64  # nesting of module records (EDM's networks: fewer than 20 levels)
+MAX_MODULE_RECORDS = 100_000  # module records, a shared one counted at each place it appears (EDM: a few thousand)
+MAX_STATE_ENTRIES = 100_000  # parameters and buffers in the state_dict (EDM's largest network: a few thousand)
+MAX_TENSOR_ELEMENTS = 1 << 31  # elements of the network's tensors together (ADM ImageNet-64: ~3e8)
+MAX_ARGUMENT_DEPTH = 16  # nesting of the recorded constructor arguments (EDM's: a list of numbers inside a dict)
+MAX_ARGUMENT_VALUES = 10_000  # values in them, a shared one counted each time it appears (EDM's: a few dozen)
+
+
+class _SealedClass(type):
+    """A class the unpickler may instantiate but never change: a stream's BUILD or attribute writes on the class
+    object itself would otherwise persist in fewstep for the rest of the process."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise _refuse(f"a change to the class {cls.__name__}")
+
+    def __delattr__(cls, name: str) -> None:
+        raise _refuse(f"a change to the class {cls.__name__}")
+
+
+class _InstanceSetstate:
+    """``__setstate__`` for instances only: pickle's BUILD on the class object itself finds a refusal here."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None:
+            def refuse(*args: Any) -> None:
+                raise _refuse(f"a change to the class {owner.__name__}")
+
+            return refuse
+        return self.function.__get__(instance, owner)
 
 
 @dataclass
@@ -37,8 +74,12 @@ class PersistentRecord:
     module_src: str = ""  # EDM's source of the class, kept as text only
     version: Any = None
 
+    def __setstate__(self, state: Any) -> None:
+        # EDM's records are complete when reconstructed; a later BUILD could only swap in other fields
+        raise _refuse("a persistent object changed after it was reconstructed")
 
-class TorchModuleRecord:
+
+class TorchModuleRecord(metaclass=_SealedClass):
     """A plain torch module inside a persistent one (EDM: ``torch.nn.ModuleDict``), kept as its state only.
 
     Pickle builds it with ``cls.__new__(cls)`` and ``__setstate__(state)``; the torch class is never constructed.
@@ -46,6 +87,7 @@ class TorchModuleRecord:
 
     class_name = "Module"
 
+    @_InstanceSetstate
     def __setstate__(self, state: dict) -> None:
         self.state = state if isinstance(state, dict) else {}
 
@@ -54,29 +96,117 @@ class _ModuleDictRecord(TorchModuleRecord):
     class_name = "ModuleDict"
 
 
-class EasyDict(dict):
+class EasyDict(dict, metaclass=_SealedClass):
     """Stands in for ``dnnlib.util.EasyDict`` (a dict with attribute access; attributes are not needed here)."""
+
+    @_InstanceSetstate
+    def __setstate__(self, state: Any) -> None:
+        # EasyDict keeps its entries as items, so EDM's pickles carry no state for it; attributes could shadow methods
+        parts = state if isinstance(state, tuple) else (state,)  # BUILD's state, or its (dict, slots) pair
+        if not all(part is None or (isinstance(part, dict) and not part) for part in parts):
+            raise _refuse("attributes on an EasyDict")
+
+
+class _AllowedCallable:
+    """An allowed global as the unpickler sees it: callable, but closed to BUILD and attribute writes, so nothing a
+    stream does to it (its __defaults__, __dict__, ...) outlives the load or reaches the function itself."""
+
+    __slots__ = ("_function", "_name")
+
+    def __init__(self, function: Any, name: str) -> None:
+        object.__setattr__(self, "_function", function)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _refuse(f"a change to the global {self._name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise _refuse(f"a change to the global {self._name}")
+
+    def __setstate__(self, state: Any) -> None:
+        raise _refuse(f"a change to the global {self._name}")
 
 
 def _refuse(what: str) -> CheckpointError:
     return CheckpointError(one_line(f"refusing {what}: {_NOT_EDM}"))
 
 
+def _short(text: Any, limit: int = 100) -> str:
+    """A name from the file, cut to fit in a one-line message."""
+    text = text if isinstance(text, str) else type(text).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _reconstruct_persistent_obj(meta: Any) -> PersistentRecord:
     if not (isinstance(meta, dict) and meta.get("type") == "class" and isinstance(meta.get("class_name"), str)):
         raise _refuse("a persistent object whose record is not an EDM class record")
+    if not isinstance(meta.get("state") or {}, dict) or not isinstance(meta.get("module_src", ""), str):
+        raise _refuse("an EDM class record whose state is not a dict or whose module source is not text")
     state = dict(meta.get("state") or {})
     init_args, init_kwargs = state.pop("_init_args", None) or (), state.pop("_init_kwargs", None) or {}
+    if not isinstance(init_args, (tuple, list)) or not isinstance(init_kwargs, dict):
+        raise _refuse("an EDM class record whose constructor arguments are not a tuple and a dict")
     return PersistentRecord(
         class_name=meta["class_name"], init_args=tuple(init_args), init_kwargs=dict(init_kwargs), state=state,
-        module_src=str(meta.get("module_src", "")), version=meta.get("version"),
+        module_src=meta.get("module_src", ""), version=meta.get("version"),
     )
+
+
+# torch's legacy serialization (what EDM's storages embed): its magic number and protocol version, the first two
+# pickles of the bytes; then system info, the storage's record, the storage keys and the raw data
+_TORCH_LEGACY_MAGIC, _TORCH_LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+
+
+class _StorageCensus(pickle.Unpickler):
+    """Reads the record of an embedded legacy torch file for the storage sizes it declares, and builds nothing:
+    torch allocates a declared size before it reads the data, so a 300-byte record could ask for gigabytes."""
+
+    def __init__(self, file: Any, declared: dict) -> None:
+        super().__init__(file)
+        self.declared = declared  # root key -> bytes
+
+    def find_class(self, module: str, name: str) -> Any:
+        storage = getattr(torch, name, None) if module == "torch" and name.endswith("Storage") else None
+        if not (isinstance(storage, type) and issubclass(storage, torch.storage.TypedStorage)):
+            raise _refuse(f"the global {_short(module)}.{_short(name)} in an embedded tensor storage")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage deprecation: it is what these pickles hold
+            return storage.dtype.itemsize  # all the census needs of the storage type
+
+    def persistent_load(self, pid: Any) -> None:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise _refuse("an embedded tensor storage whose record is not torch's")
+        _, itemsize, root_key, _location, numel, _view = pid
+        if not (isinstance(itemsize, int) and isinstance(numel, int) and numel >= 0 and isinstance(root_key, str)):
+            raise _refuse("an embedded tensor storage whose record is not torch's")
+        self.declared[root_key] = max(self.declared.get(root_key, 0), itemsize * numel)
+
+
+def _check_declared_storage(data: bytes) -> None:
+    """Refuses embedded storage bytes that are not torch's legacy format or declare more bytes than they hold."""
+    file, declared = io.BytesIO(data), {}
+    try:
+        magic, protocol = _StorageCensus(file, declared).load(), _StorageCensus(file, declared).load()
+        if magic != _TORCH_LEGACY_MAGIC or protocol != _TORCH_LEGACY_PROTOCOL:
+            raise _refuse("an embedded tensor storage that is not in torch's legacy format, which EDM's pickles use")
+        _StorageCensus(file, declared).load()  # system info: plain values
+        _StorageCensus(file, declared).load()  # the storage itself, as a persistent id
+    except CheckpointError:
+        raise
+    except Exception as error:  # not a pickle, truncated
+        raise _refuse(f"an embedded tensor storage that is not a torch file ({type(error).__name__})") from None
+    if sum(declared.values()) > len(data):
+        raise _refuse(f"an embedded tensor storage that declares {sum(declared.values())} bytes in {len(data)}")
 
 
 def _load_storage_bytes(data: Any) -> torch.storage.TypedStorage:
     """Safe ``torch.storage._load_from_bytes``: the original calls ``torch.load(weights_only=False)``."""
     if not isinstance(data, (bytes, bytearray)):
         raise _refuse("an embedded tensor storage that is not bytes")
+    _check_declared_storage(bytes(data))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TypedStorage deprecation: it is what these pickles hold
@@ -92,6 +222,10 @@ def _load_storage_bytes(data: Any) -> torch.storage.TypedStorage:
 def _rebuild_tensor_v2(storage, *args):
     if not isinstance(storage, torch.storage.TypedStorage):  # torch would read attributes of whatever it is given
         raise _refuse(f"a tensor built on a {type(storage).__name__}")
+    size = args[1] if len(args) > 1 else ()
+    # a view with zero strides can claim any size over a small storage
+    if isinstance(size, (tuple, list)) and all(isinstance(n, int) for n in size) and math.prod(size) > MAX_TENSOR_ELEMENTS:
+        raise _refuse(f"a tensor of {math.prod(size)} elements (at most {MAX_TENSOR_ELEMENTS})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch._utils._rebuild_tensor_v2(storage, *args)
@@ -119,6 +253,7 @@ def _numpy_scalar(dtype, data=None):
 
 # Every global a snapshot written by EDM's code names (pickletools on EDMPrecond/VPPrecond/VEPrecond/
 # iDDPMPrecond over SongUNet and DhariwalUNet, EDMLoss, AugmentPipe), each mapped to an inert or checked stand-in.
+# The unpickler gets them sealed (_UNPICKLER_GLOBALS): classes it can instantiate but not change, functions wrapped.
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
@@ -133,13 +268,28 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+
+_IMMUTABLE_TYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: C types such as OrderedDict refuse attribute writes themselves
+
+
+def _sealed(name: tuple[str, str], allowed: Any) -> Any:
+    """What the unpickler gets for an allowed global: immutable types and sealed classes as they are (pickle's
+    NEWOBJ needs a class), anything else behind a wrapper that a stream cannot change."""
+    if isinstance(allowed, _SealedClass) or (isinstance(allowed, type) and allowed.__flags__ & _IMMUTABLE_TYPE):
+        return allowed
+    return _AllowedCallable(allowed, ".".join(name))
+
+
+_UNPICKLER_GLOBALS = {name: _sealed(name, allowed) for name, allowed in ALLOWED_GLOBALS.items()}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles only what EDM network pickles need; any other global is refused in ``find_class``, before it is called."""
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = ALLOWED_GLOBALS.get((module, name))
+        allowed = _UNPICKLER_GLOBALS.get((module, name))
         if allowed is None:
-            raise _refuse(f"the global {module}.{name}")
+            raise _refuse(f"the global {_short(module)}.{_short(name)}")
         return allowed
 
     def persistent_load(self, pid: Any) -> Any:
@@ -158,7 +308,7 @@ def read_edm_pickle(path: str | Path) -> dict | PersistentRecord:
         raise CheckpointError(one_line(f"'{path}': {error}")) from None
     except Exception as error:  # not a pickle, truncated, or allowed callables given arguments they refuse
         raise CheckpointError(one_line(
-            f"cannot read '{path}' as an EDM network pickle ({type(error).__name__}: {error}): "
+            f"cannot read '{path}' as an EDM network pickle ({type(error).__name__}: {_short(str(error), 200)}): "
             "the file is truncated, corrupted or not a pickle"
         )) from None
 
@@ -176,7 +326,8 @@ def load_edm_network(path: str | Path) -> torch.nn.Module:
         top = read_edm_pickle(path)
         record = top.get("ema") if isinstance(top, dict) else top
         if not isinstance(record, PersistentRecord) or "_modules" not in record.state:
-            held = f"a dict with keys {sorted(map(str, top))}" if isinstance(top, dict) else f"a {type(top).__name__}"
+            keys = sorted(_short(key, 40) for key in list(top)[:20]) if isinstance(top, dict) else []
+            held = f"a dict with keys {keys}" if isinstance(top, dict) else f"a {type(top).__name__}"
             if isinstance(record, PersistentRecord):
                 held = f"a {record.class_name}, which is not a network"
             raise CheckpointError(
@@ -184,7 +335,29 @@ def load_edm_network(path: str | Path) -> torch.nn.Module:
             )
         class_name, init_args, init_kwargs = record.class_name, record.init_args, record.init_kwargs
         state_dict = _state_dict(record, path)
+    _check_arguments(path, init_args, init_kwargs)
     return _build(path, class_name, init_args, init_kwargs, state_dict)
+
+
+def _check_arguments(path: Path, init_args: Any, init_kwargs: Any) -> None:
+    """Refuses constructor arguments nested deeper, or holding more values, than an EDM network records, before
+    anything walks them recursively: a list that contains itself, or lists shared over many levels, never end."""
+    pending, count = [(init_args, 0), (init_kwargs, 0)], 0
+    while pending:
+        value, depth = pending.pop()
+        count += 1
+        if count > MAX_ARGUMENT_VALUES:
+            raise CheckpointError(one_line(
+                f"'{path}': refusing constructor arguments of more than {MAX_ARGUMENT_VALUES} values (EDM's networks "
+                f"record a few dozen): {_NOT_EDM}"
+            ))
+        if isinstance(value, (list, tuple, dict)):
+            if depth >= MAX_ARGUMENT_DEPTH:
+                raise CheckpointError(one_line(
+                    f"'{path}': refusing constructor arguments nested deeper than {MAX_ARGUMENT_DEPTH} levels: {_NOT_EDM}"
+                ))
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            pending.extend((item, depth + 1) for item in items)
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
@@ -195,9 +368,34 @@ def _starts_with(path: Path, magic: bytes) -> bool:
         return False
 
 
+def check_torch_archive(path: Path) -> None:
+    """Refuses a torch file that torch would make allocate more than the file holds: the legacy (pre-zip) format
+    allocates each storage's declared size before reading it, and a zip member's declared size is allocated
+    before it is inflated (torch writes only uncompressed members)."""
+    if not _starts_with(path, b"PK\x03\x04"):
+        raise CheckpointError(one_line(
+            f"'{path}' is not a zip-format torch file (torch.save has written zip files since torch 1.6; the legacy "
+            "format declares sizes fewstep cannot check before torch allocates them): re-save it with torch.save"
+        ))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return  # not a readable zip: torch.load's own error says so
+    size = path.stat().st_size
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED or member.file_size > size:
+            raise CheckpointError(one_line(
+                f"'{path}': refusing the member '{_short(member.filename)}', which declares {member.file_size} bytes "
+                f"{'compressed' if member.compress_type != zipfile.ZIP_STORED else 'in a file of ' + str(size)}: "
+                "torch writes its files uncompressed, so this one was not written by torch.save"
+            ))
+
+
 def _read_torch_file(path: Path) -> tuple[str, tuple, dict, dict]:
     if not path.is_file():
         raise CheckpointError(f"EDM network file '{path}' not found")
+    check_torch_archive(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refused a global, or the file is not a torch file
@@ -211,26 +409,88 @@ def _read_torch_file(path: Path) -> tuple[str, tuple, dict, dict]:
     return data["class_name"], init_args, init_kwargs, data["state_dict"]
 
 
-def _state_dict(record: PersistentRecord | TorchModuleRecord, path: Path, prefix: str = "", out: dict | None = None
-                ) -> dict:
-    """The state_dict the module would have: parameters, persistent buffers, then submodules, as torch orders them."""
-    out = {} if out is None else out
-    state = record.state
-    non_persistent = state.get("_non_persistent_buffers_set") or set()
-    for name, tensor in [*(state.get("_parameters") or {}).items(),
-                         *((n, t) for n, t in (state.get("_buffers") or {}).items() if n not in non_persistent)]:
+def _module_parts(record: Any, path: Path, where: str) -> tuple[list, list]:
+    """A module record's own tensors (parameters, then persistent buffers) and its submodules, as (name, value)
+    pairs in torch's order; anything that is not what torch pickles for a module is a one-line refusal."""
+    state = getattr(record, "state", None)
+    if not isinstance(record, (PersistentRecord, TorchModuleRecord)) or not isinstance(state, dict):
+        raise CheckpointError(one_line(
+            f"'{path}': submodule '{_short(where.rstrip('.'))}' is a {type(record).__name__}, not a module record"
+        ))
+    parts = {}
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        value = state.get(key) or ({} if key != "_non_persistent_buffers_set" else set())
+        kind = (set, frozenset) if key == "_non_persistent_buffers_set" else dict
+        if not isinstance(value, kind) or not all(isinstance(name, str) for name in value):
+            raise CheckpointError(one_line(
+                f"'{path}': {key} of the module '{_short(where.rstrip('.'))}' is not what torch pickles ({_NOT_EDM})"
+            ))
+        parts[key] = value
+    buffers = [(n, t) for n, t in parts["_buffers"].items() if n not in parts["_non_persistent_buffers_set"]]
+    tensors = []
+    for name, tensor in [*parts["_parameters"].items(), *buffers]:
         if tensor is not None:
             if not isinstance(tensor, torch.Tensor):
-                raise CheckpointError(f"'{path}': '{prefix}{name}' is a {type(tensor).__name__}, not a tensor")
+                raise CheckpointError(one_line(f"'{path}': '{_short(where + name)}' is a {type(tensor).__name__}, not a tensor"))
+            tensors.append((name, tensor))
+    return tensors, [(name, child) for name, child in parts["_modules"].items() if child is not None]
+
+
+def _check_module_tree(root: Any, path: Path) -> None:
+    """Refuses a module tree that contains itself, nests too deep, or holds more records, state entries or tensor
+    elements than the limits above, before anything is collected. Each record is visited once (a shared one's
+    counts are remembered), so records shared across many levels cost their number, not the number of paths."""
+    counts: dict[int, tuple[int, int, int]] = {}  # id(record) -> (module records, state entries, elements) below it
+    open_records: set[int] = set()  # the records on the way down to the current one
+
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(one_line(f"'{path}': refusing {what}: {_NOT_EDM}"))
+
+    def visit(record: Any, where: str, depth: int) -> tuple[int, int, int]:
+        key = id(record)
+        if key in counts:
+            return counts[key]
+        if key in open_records:
+            return_to = _short(where.rstrip(".")) or "the top"
+            raise refuse(f"a module record that contains itself (at '{return_to}')")
+        if depth > MAX_RECORD_DEPTH:
+            raise refuse(f"module records nested deeper than {MAX_RECORD_DEPTH} levels (EDM's nest fewer than 20)")
+        tensors, children = _module_parts(record, path, where)
+        open_records.add(key)
+        records, entries, elements = 1, len(tensors), sum(tensor.numel() for _, tensor in tensors)
+        for name, child in children:
+            below = visit(child, f"{where}{name}.", depth + 1)
+            records, entries, elements = records + below[0], entries + below[1], elements + below[2]
+            if records > MAX_MODULE_RECORDS:
+                raise refuse(f"more than {MAX_MODULE_RECORDS} module records, counting a shared one at each place "
+                             "it appears (EDM's largest networks have a few thousand)")
+            if entries > MAX_STATE_ENTRIES:
+                raise refuse(f"more than {MAX_STATE_ENTRIES} parameters and buffers (EDM's largest networks have "
+                             "a few thousand)")
+        open_records.discard(key)
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise refuse(f"tensors of more than {MAX_TENSOR_ELEMENTS} elements together (EDM's largest network "
+                         "has about 3e8)")
+        counts[key] = (records, entries, elements)
+        return counts[key]
+
+    visit(root, "", 0)
+
+
+def _state_dict(record: PersistentRecord | TorchModuleRecord, path: Path) -> dict:
+    """The state_dict the module would have: parameters, persistent buffers, then submodules, as torch orders them
+    (a shared submodule under each of its names, as torch's state_dict does)."""
+    _check_module_tree(record, path)  # bounds the walk below
+    out: dict = {}
+
+    def collect(record: Any, prefix: str) -> None:
+        tensors, children = _module_parts(record, path, prefix)
+        for name, tensor in tensors:
             out[prefix + name] = tensor.detach()
-    for name, child in (state.get("_modules") or {}).items():
-        if child is None:
-            continue
-        if not isinstance(child, (PersistentRecord, TorchModuleRecord)) or not hasattr(child, "state"):
-            raise CheckpointError(
-                f"'{path}': submodule '{prefix}{name}' is a {type(child).__name__}, not a module record"
-            )
-        _state_dict(child, path, f"{prefix}{name}.", out)
+        for name, child in children:
+            collect(child, f"{prefix}{name}.")
+
+    collect(record, "")
     return out
 
 
@@ -241,6 +501,9 @@ def _build(path: Path, class_name: str, init_args: tuple, init_kwargs: dict, sta
         raise CheckpointError(
             f"'{path}' holds an EDM {class_name}, which fewstep does not implement (it does: {', '.join(EDM_CLASSES)})"
         )
+    from fewstep.schema import check_edm_arguments
+
+    check_edm_arguments(path, class_name, init_args, init_kwargs)  # the file's arguments are data: typed, never nodes
     try:
         module = EDM_CLASSES[class_name](*init_args, **init_kwargs)
     except Exception as error:  # arguments from the file that this implementation does not take

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from fewstep.errors import ConfigError
+from fewstep.errors import ConfigError, one_line
 from fewstep.metrics.fid import UNSYNCED, update_in_batches
 from fewstep.metrics.inception import FEATURE_DIM
 
@@ -32,6 +32,10 @@ PROBE_IMAGES = 4  # images re-featurised on load to catch a cache made by anothe
 # give back exactly this mean and covariance for any n (checked by tests/test_fid_protocol.py).
 ASSUMED_N = 50_000
 MAKE_REFERENCE = "python -m fewstep.fid_reference data=... out=PATH.npz"
+# How far a covariance read from a file may stray from one by rounding alone (a float32 copy of a covariance of
+# fewer images than features has eigenvalues near -5e-9 x the largest); beyond that FID comes out wrong, even negative.
+SYMMETRY_TOLERANCE = 1e-6  # |sigma - sigma^T| at most this times the largest |sigma|
+PSD_TOLERANCE = 1e-6  # the smallest eigenvalue of sigma at least -PSD_TOLERANCE times the largest
 
 
 def reference_stats(
@@ -126,8 +130,10 @@ def write_npz_reference(stats: dict, path: str | os.PathLike, note: str = "") ->
 def read_npz_reference(path: str | os.PathLike, num_features: int = FEATURE_DIM) -> dict:
     """{mean, cov float64 tensors, n, assumed_n} from an .npz holding `mu` and `sigma` (EDM's or ADM's format, or ours).
 
-    Read with allow_pickle=False, so a file cannot run code. A file without `n` (EDM's, ADM's) gets n =
-    ASSUMED_N and assumed_n = True. Anything unusable is a one-line ConfigError naming the problem.
+    Each array's header is read and checked (numeric, of the feature size) before its data, so a small file cannot
+    make this allocate more than the 2048 x 2048 sigma; object arrays are refused (allow_pickle=False), and sigma must
+    be a covariance: finite, symmetric and positive semi-definite up to rounding. A file without `n` (EDM's, ADM's)
+    gets n = ASSUMED_N and assumed_n = True. Anything unusable is a one-line ConfigError naming the problem.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -136,30 +142,98 @@ def read_npz_reference(path: str | os.PathLike, num_features: int = FEATURE_DIM)
             f"or make one with `{MAKE_REFERENCE}`"
         )
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [key for key in ("mu", "sigma") if key not in npz.files]
+        with zipfile.ZipFile(path) as npz:
+            members = {name[: -len(".npy")]: name for name in npz.namelist() if name.endswith(".npy")}
+            missing = [key for key in ("mu", "sigma") if key not in members]
             if missing:
-                raise ConfigError(
-                    f"'{path}' has no {' or '.join(missing)} (it holds {', '.join(npz.files) or 'nothing'}): reference "
-                    f"statistics need mu and sigma, as EDM's fid.py writes them, or `{MAKE_REFERENCE}`"
-                )
-            mu, sigma = npz["mu"], npz["sigma"]
-            n = int(npz["n"]) if "n" in npz.files else None
+                raise ConfigError(one_line(
+                    f"'{path}' has no {' or '.join(missing)} (it holds {', '.join(list(members)[:10]) or 'nothing'}): "
+                    f"reference statistics need mu and sigma, as EDM's fid.py writes them, or `{MAKE_REFERENCE}`"
+                ))
+            mu = _read_npz_array(npz, members["mu"], path, [(num_features,)], "fiu")
+            sigma = _read_npz_array(npz, members["sigma"], path, [(num_features, num_features)], "fiu")
+            n = int(_read_npz_array(npz, members["n"], path, [(), (1,)], "iu").reshape(())) if "n" in members else None
+    except ConfigError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:  # not an .npz, truncated, or object arrays
-        raise ConfigError(f"cannot read reference statistics '{path}': {type(error).__name__}: {error}") from error
-    if mu.shape != (num_features,) or sigma.shape != (num_features, num_features):
-        raise ConfigError(
-            f"'{path}' holds mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)}, not the {num_features} features of "
-            "the FID Inception network's pool layer: these statistics come from another network"
-        )
+        raise ConfigError(one_line(
+            f"cannot read reference statistics '{path}': {type(error).__name__}: {str(error)[:200]}"
+        )) from error
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ConfigError(f"'{path}' holds non-finite values in mu or sigma: remake it")
+    _check_covariance(sigma.astype(np.float64), path)
     if n is not None and n < 2:
         raise ConfigError(f"'{path}' says it was made from n={n} images: a covariance needs at least 2")
     return {
         "mean": torch.from_numpy(mu.astype(np.float64)), "cov": torch.from_numpy(sigma.astype(np.float64)),
         "n": ASSUMED_N if n is None else n, "assumed_n": n is None,
     }
+
+
+def _read_npz_array(npz: zipfile.ZipFile, member: str, path: Path, shapes: list[tuple], kinds: str) -> np.ndarray:
+    """One array of an .npz, its header checked before numpy allocates what the header declares: one of ``shapes``,
+    a plain number type of one of ``kinds`` (numpy's dtype.kind letters), never objects."""
+    key = member[: -len(".npy")]
+    with npz.open(member) as file:
+        version = np.lib.format.read_magic(file)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ConfigError(one_line(f"'{path}': {key} is in .npy format version {version}, not 1.0 or 2.0: remake it"))
+        shape, _fortran, dtype = readers[version](file)
+    if dtype.hasobject or dtype.kind not in kinds or dtype.fields is not None:
+        wanted = "an integer" if kinds == "iu" else "a number"
+        raise ConfigError(one_line(
+            f"'{path}': {key} holds {dtype.str[:40]} values, not {wanted} type: reference statistics are float64 mu "
+            f"and sigma as EDM's fid.py writes them, or `{MAKE_REFERENCE}`"
+        ))
+    if tuple(shape) not in shapes:
+        features = shapes[0][0] if shapes[0] else None
+        why = (f"not the {features} features of the FID Inception network's pool layer: these statistics come from "
+               "another network") if features else "not a single number"
+        raise ConfigError(one_line(f"'{path}': {key} has shape {tuple(shape)[:8]}, {why}"))
+    with npz.open(member) as file:
+        return np.lib.format.read_array(file, allow_pickle=False)
+
+
+def _top_eigenvalue(matrix: np.ndarray, iterations: int = 30) -> float:
+    """v' matrix v for the unit vector v that power iteration reaches: at most the largest eigenvalue of a symmetric
+    matrix, close to it, and far cheaper than eigvalsh (seconds for 2048 x 2048 on a busy machine)."""
+    vector = np.random.default_rng(0).standard_normal(len(matrix))
+    vector /= np.linalg.norm(vector)
+    for _ in range(iterations):
+        product = matrix @ vector
+        norm = np.linalg.norm(product)
+        if norm == 0:
+            break
+        vector = product / norm
+    return float(vector @ matrix @ vector)
+
+
+def _check_covariance(sigma: np.ndarray, path: Path) -> None:
+    """Refuses a sigma that is not a covariance up to rounding: FID computed from it would be wrong."""
+    scale = float(np.abs(sigma).max())
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise ConfigError(one_line(
+            f"'{path}': sigma is not symmetric (|sigma - sigma^T| reaches {asymmetry:.3g}, its entries {scale:.3g}): "
+            f"it is not a covariance; remake it with `{MAKE_REFERENCE}`"
+        ))
+    largest = max(_top_eigenvalue(sigma), 0.0)
+    allowed = -PSD_TOLERANCE * largest  # the most negative eigenvalue rounding can explain
+    try:  # sigma - allowed I has a Cholesky factor exactly when sigma's smallest eigenvalue exceeds allowed
+        np.linalg.cholesky(sigma - allowed * np.eye(len(sigma)))
+        return
+    except np.linalg.LinAlgError:
+        pass
+    # v' sigma v for v near the bottom eigenvector (power iteration on largest I - sigma) bounds the smallest above
+    smallest = largest - _top_eigenvalue(largest * np.eye(len(sigma)) - sigma)
+    if smallest >= allowed:  # no witness yet (a singular sigma, or one at the edge): the exact answer, slowly
+        smallest = float(np.linalg.eigvalsh(sigma)[0])
+    if smallest < allowed:
+        raise ConfigError(one_line(
+            f"'{path}': sigma is not positive semi-definite (it has an eigenvalue of {smallest:.3g} or less, its largest "
+            f"is about {largest:.3g}): it is not a covariance and would give a wrong FID; remake it with `{MAKE_REFERENCE}`"
+        ))
 
 
 def device_of(extractor: nn.Module, images: Tensor) -> torch.device:
