@@ -389,7 +389,8 @@ def check_edm_arguments(path: str | Path, class_name: str, init_args: Any, init_
     try:
         if not isinstance(init_args, (list, tuple)) or not isinstance(init_kwargs, Mapping):
             raise UntrustedConfig("its recorded arguments are not a list and a mapping")
-        args, kwargs = [_edm_plain(v) for v in init_args], {str(k): _edm_plain(v) for k, v in init_kwargs.items()}
+        args = [_edm_plain(v) for v in init_args]
+        kwargs = {str(k): _edm_plain(v) for k, v in init_kwargs.items()}
         cls = EDM_CLASSES[class_name]
         try:
             bound = inspect.signature(cls).bind(*args, **kwargs).arguments
@@ -417,12 +418,14 @@ def check_edm_arguments(path: str | Path, class_name: str, init_args: Any, init_
                                        "typed constructor arguments")) from None
 
 
-def _edm_plain(value: Any) -> Any:
+def _edm_plain(value: Any, depth: int = 0) -> Any:
     """A recorded EDM argument as plain Python: tuples as lists, numpy numbers as numbers, the rest unchanged."""
+    if depth > MAX_DEPTH:  # also a list that contains itself
+        raise UntrustedConfig(f"its arguments nest deeper than {MAX_DEPTH} levels")
     if isinstance(value, (list, tuple)):
-        return [_edm_plain(v) for v in value]
+        return [_edm_plain(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {k: _edm_plain(v) for k, v in value.items()}
+        return {k: _edm_plain(v, depth + 1) for k, v in value.items()}
     if type(value).__module__ == "numpy" and hasattr(value, "item"):  # a numpy scalar (the unpickler allows no arrays)
         return value.item()
     return value

@@ -235,6 +235,17 @@ def test_a_torch_file_with_a_compressed_or_legacy_member_is_refused_before_torch
     one_line(CheckpointError, load_edm_network, tmp_path / "legacy.pt", match="not a zip-format torch file")
 
 
+def test_a_checkpoint_with_a_compressed_member_is_refused_before_torch_reads_it(tmp_path):
+    from fewstep.checkpoints import read_checkpoint
+
+    torch.save({"fewstep": {}, "state_dict": {"u": torch.zeros(5)}}, tmp_path / "ok.ckpt")
+    with zipfile.ZipFile(tmp_path / "ok.ckpt") as source:
+        members = {m.filename: 2**31 if m.filename.endswith("data/0") else source.read(m) for m in source.infolist()}
+    write_zip(tmp_path / "bomb.ckpt", members)
+    refused_in_capped_child(CheckpointError, read_checkpoint, tmp_path / "bomb.ckpt",
+                            match="which declares 2147483648 bytes compressed")
+
+
 # ---------------------------------------------------------------- files that declare gigabytes in kilobytes
 
 def deflated_zeros(count: int) -> bytes:

@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fewstep.data.images import MAX_IMAGE_SIDE, ImageDataModule, open_image
 from fewstep.errors import DatasetNotFound, one_line
+from fewstep.schema import MAX_CLASSES
 
 HOW_TO_MAKE = (
     "make one with EDM's dataset_tool.py (python dataset_tool.py --source=DIR_OR_ARCHIVE --dest=NAME.zip), "
@@ -30,7 +31,6 @@ HOW_TO_MAKE = (
 # Bounds on what the files of a data set may make the reader allocate, each checked before the allocation.
 MAX_DOWNSCALE = 16  # with data.resolution=N an image may be up to 16N a side (FFHQ's 1024 read at 64)
 MAX_EDM_IMAGE_SIDE = 4096  # without data.resolution (EDM's data sets: 32 to 512; FFHQ's originals 1024)
-MAX_CLASSES = 100_000  # class labels lie in [0, MAX_CLASSES) (ImageNet-21k has 21,841)
 MAX_DATASET_JSON_BYTES = 256 << 20  # dataset.json (ImageNet's 1.28M labels take about 45 MB)
 METADATA_BYTES = 1 << 20  # what an image file may hold beyond its pixels (ICC profile, EXIF, text chunks)
 IMAGE_FILE_BYTES_PER_PIXEL = 8  # an uncompressed 16-bit RGBA pixel: the most a pixel takes in an image file

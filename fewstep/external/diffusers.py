@@ -28,6 +28,7 @@ import torch
 
 from fewstep.errors import CheckpointError, ConfigError, FewstepError, one_line
 from fewstep.networks.preconditioning import PreconditionedDenoiser
+from fewstep.schema import MAX_CLASSES
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # What fixes abar_t; the rest of a scheduler config (DDIM's, PNDM's, ...) is about sampling.
@@ -43,7 +44,6 @@ MAX_IMAGE_CHANNELS = 64  # in_channels and out_channels (images: 1 to 4, twice t
 MAX_BLOCK_CHANNELS = 4096  # channels of a block, groups, head size (ADM's widest block: 1536)
 MAX_BLOCKS = 16  # down blocks, and up blocks (DDPM at 256 x 256: 6)
 MAX_LAYERS_PER_BLOCK = 16  # (ADM: 3)
-MAX_CLASSES = 100_000  # num_class_embeds (ImageNet-21k has 21,841 classes)
 MAX_UNET_PARAMETERS = 2_000_000_000  # counted on torch's meta device before any weight exists (ADM's largest: ~550M)
 
 # UNet2DModel's integer arguments: (smallest, largest, None allowed)
@@ -345,7 +345,7 @@ def _read_json(file: Path) -> dict:
 def _check_weights(unet_dir: Path) -> None:
     """Torch-format weights are read by torch.load, which allocates sizes a file declares: refuse those it cannot
     hold (safetensors checks its own header against the file's size, and diffusers prefers it when present)."""
-    from fewstep.external.edm_pickle import check_torch_archive
+    from fewstep.checkpoints import check_torch_archive
 
     if not any(unet_dir.glob("*.safetensors")):
         for weights in sorted(unet_dir.glob("*.bin")):

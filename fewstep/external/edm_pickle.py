@@ -15,7 +15,6 @@ import io
 import math
 import pickle
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,31 +367,9 @@ def _starts_with(path: Path, magic: bytes) -> bool:
         return False
 
 
-def check_torch_archive(path: Path) -> None:
-    """Refuses a torch file that torch would make allocate more than the file holds: the legacy (pre-zip) format
-    allocates each storage's declared size before reading it, and a zip member's declared size is allocated
-    before it is inflated (torch writes only uncompressed members)."""
-    if not _starts_with(path, b"PK\x03\x04"):
-        raise CheckpointError(one_line(
-            f"'{path}' is not a zip-format torch file (torch.save has written zip files since torch 1.6; the legacy "
-            "format declares sizes fewstep cannot check before torch allocates them): re-save it with torch.save"
-        ))
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError):
-        return  # not a readable zip: torch.load's own error says so
-    size = path.stat().st_size
-    for member in members:
-        if member.compress_type != zipfile.ZIP_STORED or member.file_size > size:
-            raise CheckpointError(one_line(
-                f"'{path}': refusing the member '{_short(member.filename)}', which declares {member.file_size} bytes "
-                f"{'compressed' if member.compress_type != zipfile.ZIP_STORED else 'in a file of ' + str(size)}: "
-                "torch writes its files uncompressed, so this one was not written by torch.save"
-            ))
-
-
 def _read_torch_file(path: Path) -> tuple[str, tuple, dict, dict]:
+    from fewstep.checkpoints import check_torch_archive
+
     if not path.is_file():
         raise CheckpointError(f"EDM network file '{path}' not found")
     check_torch_archive(path)

@@ -205,6 +205,9 @@ class TimmDiscriminator(_FrozenBackbone):
         path = Path(str(self.weights)).expanduser()
         if not path.is_file():
             raise ConfigError(self._fix(f"timm weights file '{path}' not found"))
+        from fewstep.checkpoints import check_torch_archive
+
+        check_torch_archive(path, legacy=True)  # no zip member that declares more than the file holds
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
