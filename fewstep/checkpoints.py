@@ -229,10 +229,16 @@ def check_finite(method, path) -> None:
     labels = torch.zeros(1, dtype=torch.long, device=method.device) if method.num_classes else None
     from fewstep.methods.kac_teacher import KacTeacher
 
-    if isinstance(method, KacTeacher):  # a velocity field, no Gaussian denoiser
-        out = method.velocity(x, torch.full((1,), 0.5 * float(method.hparams.get("T", 1.0)), device=method.device), labels)
-    else:
-        out = method.denoiser(x, torch.ones(1, device=method.device), labels)
+    try:
+        if isinstance(method, KacTeacher):  # a velocity field, no Gaussian denoiser
+            out = method.velocity(x, torch.full((1,), 0.5 * float(method.hparams.get("T", 1.0)), device=method.device),
+                                  labels)
+        else:
+            out = method.denoiser(x, torch.ones(1, device=method.device), labels)
+    except (ArithmeticError, ValueError, RuntimeError) as error:  # settings whose arithmetic overflows, say
+        raise CheckpointError(one_line(f"'{path}': the model cannot be evaluated on a probe input ({type(error).__name__}: "
+                                       f"{str(error)[:120]}); a setting such as sigma_data is out of range: use another "
+                                       "model file")) from None
     method.train(was_training)
     if not torch.isfinite(out).all():
         raise CheckpointError(f"'{path}': the model returns NaN or infinite values on a probe input (its weights are "
@@ -336,9 +342,9 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def checkpoint_step(path: Path) -> tuple[int, str]:
-    """The training step in a checkpoint's name (Lightning's ``...step=4000.ckpt``; -1 without one), then the name:
-    the order in which a run wrote them, whatever their modification times say."""
-    found = re.findall(r"step=(\d+)", path.name)
+    """The training step in a checkpoint's name (fewstep's ``step_0004000.ckpt``, Lightning's ``...step=4000.ckpt``;
+    -1 without one), then the name: the order in which a run wrote them, whatever their modification times say."""
+    found = re.findall(r"step[=_](\d+)", path.name)
     return (int(found[-1]) if found else -1, path.name)
 
 

@@ -116,3 +116,15 @@ def test_fewstep_writes_checkpoints_that_load_weights_only_and_resume(tmp_path):
                         f"hydra.run.dir={run_dir}", "callbacks.sample_grid=null", "resume=auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def test_latest_checkpoint_orders_step_files_by_step_not_by_time(tmp_path):
+    import os
+
+    for step in (2, 10, 4):  # fewstep's names, and Lightning's default
+        torch.save({"fewstep": {}, "global_step": step}, tmp_path / f"step_{step:07d}.ckpt")
+        torch.save({"fewstep": {}, "global_step": step}, tmp_path / f"epoch=0-step={step + 1}.ckpt")
+    os.utime(tmp_path / "step_0000002.ckpt", (4e9, 4e9))  # the oldest step touched last
+    assert latest_checkpoint(tmp_path).name == "epoch=0-step=11.ckpt"
+    (tmp_path / "epoch=0-step=11.ckpt").write_bytes(b"truncated")  # unreadable: the next step down
+    assert latest_checkpoint(tmp_path).name == "step_0000010.ckpt"

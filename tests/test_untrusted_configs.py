@@ -331,3 +331,10 @@ def test_a_network_of_the_users_own_loads_once_registered(tmp_path, monkeypatch)
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match="scale"):
         load_method(path)
+
+
+def test_a_model_whose_output_on_a_probe_is_not_finite_is_refused(tmp_path):
+    # finite weights and a finite, huge sigma_data: EDM's c_skip = sd^2 / (sigma^2 + sd^2) becomes inf / inf
+    with pytest.raises(CheckpointError, match="probe input") as error:
+        load_method(fewstep_checkpoint(tmp_path / "probe.ckpt", sigma_data=1e200))
+    assert "\n" not in str(error.value)
