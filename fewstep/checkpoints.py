@@ -55,10 +55,11 @@ def check_torch_archive(path: Path, legacy: bool = False) -> None:
     legacy file through (torchvision's own pretrained weights are in it)."""
     try:
         with open(path, "rb") as file:
-            is_zip = file.read(4) == b"PK\x03\x04"
+            head = file.read(4)
     except OSError:
         return  # unreadable: torch.load's own error says so
-    if not is_zip and not legacy:
+    is_zip = head == b"PK\x03\x04"
+    if not is_zip and head[:1] == b"\x80" and not legacy:  # a pickle stream: torch's legacy format
         raise CheckpointError(one_line(
             f"'{path}' is not a zip-format torch file (torch.save has written zip files since torch 1.6; the legacy "
             "format declares sizes fewstep cannot check before torch allocates them): re-save it with torch.save"
