@@ -6,13 +6,13 @@ import os
 import pickle
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from fewstep.errors import CheckpointError, ConfigError, FewstepError, one_line
+from fewstep.torch_files import check_torch_archive
 
 
 def read_checkpoint(path: str | Path, mmap: bool = True) -> dict:
@@ -46,38 +46,6 @@ def read_checkpoint(path: str | Path, mmap: bool = True) -> dict:
     if not isinstance(checkpoint, dict) or "fewstep" not in checkpoint:
         raise CheckpointError(f"'{path}' is not a fewstep checkpoint: pass one written by fewstep.train")
     return checkpoint
-
-
-def check_torch_archive(path: Path, legacy: bool = False) -> None:
-    """Refuse a torch file that would make torch allocate more than the file holds: the legacy (pre-zip) format
-    allocates each storage's declared size before reading it, and a zip member's declared size is allocated before
-    it is inflated (torch.save writes only uncompressed members, never larger than the file). ``legacy``: let a
-    legacy file through (torchvision's own pretrained weights are in it)."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(4)
-    except OSError:
-        return  # unreadable: torch.load's own error says so
-    is_zip = head == b"PK\x03\x04"
-    if not is_zip and head[:1] == b"\x80" and not legacy:  # a pickle stream: torch's legacy format
-        raise CheckpointError(one_line(
-            f"'{path}' is not a zip-format torch file (torch.save has written zip files since torch 1.6; the legacy "
-            "format declares sizes fewstep cannot check before torch allocates them): re-save it with torch.save"
-        ))
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError):
-        return  # a legacy file, or not a readable zip: torch.load's own error says so
-    size = path.stat().st_size
-    for member in members:
-        if member.compress_type != zipfile.ZIP_STORED or member.file_size > size:
-            name = member.filename if len(member.filename) <= 100 else member.filename[:97] + "..."
-            raise CheckpointError(one_line(
-                f"'{path}': refusing the member '{name}', which declares {member.file_size} bytes "
-                f"{'compressed' if member.compress_type != zipfile.ZIP_STORED else 'in a file of ' + str(size)}: "
-                "torch writes its files uncompressed, so this one was not written by torch.save"
-            ))
 
 
 class UnsafeCheckpoint(CheckpointError):
@@ -360,8 +328,8 @@ def upgrade(path: str | Path) -> None:
 
     Loads the file with ``weights_only=False``, which runs whatever its pickle names: only for files you trust.
     """
+    from fewstep.constructors import plain
     from fewstep.methods.base import plain_rng_states
-    from fewstep.schema import plain
 
     path = Path(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)

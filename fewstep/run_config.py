@@ -14,8 +14,9 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from fewstep.constructors import build
 from fewstep.errors import CheckpointError, one_line
-from fewstep.schema import UntrustedConfig, build, check_node, check_plain_data, check_value
+from fewstep.schema import UntrustedConfig, check_node, check_plain_data, check_value
 
 MAX_BYTES = 1 << 20  # a saved run config is a few KB
 

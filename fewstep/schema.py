@@ -1,20 +1,20 @@
-"""What a file may ask fewstep to build: an exact table of constructors, and the type of every argument.
+"""What a file may ask fewstep to build, checked: the exact constructor names, and the type of every argument.
 
 Checkpoints, EDM network files, diffusers folders and saved run configurations record how to rebuild a network, an
 optimiser or a data set. What they record is data. A recorded node names its constructor by one of the exact strings
-in the tables below (never a prefix: Hydra's ``_locate`` walks on through module attributes, so
+in the tables of ``fewstep.constructors`` (never a prefix: Hydra's ``_locate`` walks on through module attributes, so
 ``fewstep.networks.unet.torch.load`` starts with ``fewstep.networks.``). Each argument is checked against the
 constructor's signature: numbers (finite), strings, booleans, lists of those, a mapping only where the constructor
-takes one and then of plain values with no Hydra key (``_target_``, ``_args_``, ...) anywhere inside. ``build`` then
-imports the constructor from this table, never from the file, and calls it with those values: nothing a file says
-reaches ``hydra.utils.instantiate``. A node from the user's own Hydra config that names a class of their own (not in
-the table) is built by Hydra as before; files never get that far, because every reader checks its nodes here first.
+takes one and then of plain values with no Hydra key (``_target_``, ``_args_``, ...) anywhere inside.
+``fewstep.constructors.build`` then imports the constructor from its table, never from the file, and calls it
+with those values: nothing a file says reaches ``hydra.utils.instantiate``. A node from the user's own Hydra config
+that names a class of their own (not in the table) is built by Hydra as before; files never get that far, because
+every reader checks its nodes here first.
 """
 
 from __future__ import annotations
 
 import collections.abc
-import functools
 import importlib
 import inspect
 import math
@@ -24,52 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
+from fewstep.constructors import GROUPS, HYDRA_KEYS, plain, resolve
 from fewstep.errors import CheckpointError, one_line
-
-# recorded name (exact) -> (module, attribute) that fewstep imports for it
-NETWORKS = {
-    "fewstep.networks.UNet": ("fewstep.networks.unet", "UNet"),
-    "fewstep.networks.unet.UNet": ("fewstep.networks.unet", "UNet"),
-    "fewstep.networks.MLP": ("fewstep.networks.mlp", "MLP"),
-    "fewstep.networks.mlp.MLP": ("fewstep.networks.mlp", "MLP"),
-    "fewstep.networks.edm.edm_denoiser": ("fewstep.networks.edm", "edm_denoiser"),
-    "fewstep.external.diffusers.DiffusersDenoiser": ("fewstep.external.diffusers", "DiffusersDenoiser"),
-}
-OPTIMIZERS = {f"torch.optim.{name}": ("torch.optim", name) for name in ("Adam", "AdamW", "SGD")}
-SCHEDULERS = {
-    f"torch.optim.lr_scheduler.{name}": ("torch.optim.lr_scheduler", name)
-    for name in ("LinearLR", "ConstantLR", "CosineAnnealingLR", "StepLR", "ExponentialLR")
-}
-DATA = {
-    **{f"fewstep.data.{name}": ("fewstep.data", name)
-       for name in ("MNIST5k", "Digits", "FashionMNIST", "CIFAR10", "ImageFolder", "EDMZip", "GMMDataModule")},
-    **{f"fewstep.data.images.{name}": ("fewstep.data.images", name)
-       for name in ("MNIST5k", "Digits", "FashionMNIST", "CIFAR10", "ImageFolder")},
-    "fewstep.data.edm_zip.EDMZip": ("fewstep.data.edm_zip", "EDMZip"),
-    "fewstep.data.gmm.GMMDataModule": ("fewstep.data.gmm", "GMMDataModule"),
-}
-DISCRIMINATORS = {
-    f"fewstep.networks.discriminators.{name}": ("fewstep.networks.discriminators", name)
-    for name in ("TeacherEncoderDiscriminator", "TimmDiscriminator", "ConvDiscriminator")
-}
-GROUPS = {"network": NETWORKS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "data": DATA,
-          "discriminator": DISCRIMINATORS}
-
-
-def buildable(target: Any) -> tuple[str, str] | None:
-    """The (module, attribute) that the exact name ``target`` stands for in any group, or None."""
-    return next((table[target] for table in GROUPS.values() if isinstance(target, str) and target in table), None)
-
-
-def register(group: str, constructor: Any) -> None:
-    """Let files name ``constructor`` (a network, data module, ... of your own) in ``group`` by its exact qualified name;
-    its arguments are then checked against its signature's annotations like fewstep's own."""
-    if group not in GROUPS:
-        raise ValueError(f"unknown group {group!r}: one of {', '.join(GROUPS)}")
-    GROUPS[group][f"{constructor.__module__}.{constructor.__qualname__}"] = (constructor.__module__, constructor.__qualname__)
-
 
 # torch's optimisers and schedulers, by hand: their annotations (Tensor | float, ...) say more than a file may hold
 _FLOAT, _INT, _BOOL = float, int, bool
@@ -93,7 +49,6 @@ NODE_ARGUMENTS = {
 # what fewstep passes to a constructor itself: a file may not set it inside a node
 CONTEXT = {"network": ("data_shape", "num_classes"), "discriminator": ("net", "data_shape", "num_classes", "sigma_data")}
 
-HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 MAX_ITEMS = 4096      # entries of a recorded list or mapping (a real config's longest, channel_mult, has a few)
 MAX_DEPTH = 16        # nesting of a recorded value (diffusers' configs nest two levels)
 MAX_STRING = 4096     # characters of a recorded string (paths, names)
@@ -114,18 +69,6 @@ def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "").replace("collections.abc.", "")
-
-
-def plain(value: Any, resolve: bool = True) -> Any:
-    """``value`` with every OmegaConf node, at any depth, as plain dicts and lists: what checkpoints hold (a weights-only
-    load accepts nothing else). ``resolve=False`` keeps interpolations as strings, for checking what a file says."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=resolve)
-    if isinstance(value, dict):
-        return {key: plain(item, resolve) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(item, resolve) for item in value)
-    return value
 
 
 def check_plain_data(value: Any, where: str, depth: int = 0) -> None:
@@ -240,17 +183,6 @@ def parameters(constructor: Any) -> dict[str, tuple[Any, Any]]:
                 continue
             found[name] = (hints.get(name, parameter.annotation), parameter.default)
     return found
-
-
-def resolve(target: str) -> Any:
-    """The constructor ``target`` names: from the tables by exact name, else (a user's own config) through Hydra."""
-    entry = buildable(target)
-    if entry is not None:
-        module, attribute = entry
-        return functools.reduce(getattr, attribute.split("."), importlib.import_module(module))
-    from hydra.utils import get_object
-
-    return get_object(target)
 
 
 def node_parameters(target: str, node: Mapping) -> dict[str, tuple[Any, Any]]:
@@ -430,22 +362,4 @@ def _edm_plain(value: Any, depth: int = 0) -> Any:
         return value.item()
     return value
 
-
-def build(node: Any, **context: Any) -> Any:
-    """The object ``node`` describes, with ``context`` (data shape, label count, ...) added to its arguments.
-
-    A node that names an entry of the tables is built here from its plain values; any other comes from the user's own
-    config (files are checked with ``check_node`` before they get here) and is built by Hydra.
-    """
-    node = plain(node)  # the user's config: its interpolations resolve
-    target = node.get("_target_") if isinstance(node, Mapping) else None
-    if buildable(target) is None:
-        from hydra.utils import instantiate
-
-        return instantiate(node, **context)
-    arguments = {key: value for key, value in node.items() if key not in HYDRA_KEYS}
-    constructor = resolve(target)
-    if node.get("_partial_", False):
-        return functools.partial(constructor, **arguments, **context)
-    return constructor(**arguments, **context)
 

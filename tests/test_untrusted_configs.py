@@ -17,10 +17,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fewstep.checkpoints import load_method
+from fewstep.constructors import build
 from fewstep.errors import CheckpointError
 from fewstep.evaluate import evaluate
 from fewstep.methods import EDMTeacher
-from fewstep.schema import UntrustedConfig, build, check_hyperparameters, check_node
+from fewstep.schema import UntrustedConfig, check_hyperparameters, check_node
 from fewstep.train import train
 
 from conftest import TINY, run_module
@@ -314,7 +315,7 @@ class MyNet(torch.nn.Module):
 
 
 def test_a_network_of_the_users_own_loads_once_registered(tmp_path, monkeypatch):
-    from fewstep import schema
+    from fewstep import constructors
 
     net = {"_target_": f"{MyNet.__module__}.MyNet", "scale": 0.5}
     path = fewstep_checkpoint(tmp_path / "mine.ckpt")
@@ -324,8 +325,8 @@ def test_a_network_of_the_users_own_loads_once_registered(tmp_path, monkeypatch)
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match="MyNet"):
         load_method(path)
-    monkeypatch.setitem(schema.GROUPS, "network", dict(schema.NETWORKS))
-    schema.register("network", MyNet)
+    monkeypatch.setitem(constructors.GROUPS, "network", dict(constructors.NETWORKS))
+    constructors.register("network", MyNet)
     assert isinstance(load_method(path).net, MyNet)
     checkpoint["hyper_parameters"]["net"] = {**net, "scale": "1"}
     torch.save(checkpoint, path)

@@ -345,7 +345,7 @@ def _read_json(file: Path) -> dict:
 def _check_weights(unet_dir: Path) -> None:
     """Torch-format weights are read by torch.load, which allocates sizes a file declares: refuse those it cannot
     hold (safetensors checks its own header against the file's size, and diffusers prefers it when present)."""
-    from fewstep.checkpoints import check_torch_archive
+    from fewstep.torch_files import check_torch_archive
 
     if not any(unet_dir.glob("*.safetensors")):
         for weights in sorted(unet_dir.glob("*.bin")):

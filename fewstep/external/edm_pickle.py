@@ -368,7 +368,7 @@ def _starts_with(path: Path, magic: bytes) -> bool:
 
 
 def _read_torch_file(path: Path) -> tuple[str, tuple, dict, dict]:
-    from fewstep.checkpoints import check_torch_archive
+    from fewstep.torch_files import check_torch_archive
 
     if not path.is_file():
         raise CheckpointError(f"EDM network file '{path}' not found")

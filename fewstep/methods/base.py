@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
+from fewstep.constructors import build, plain
 from fewstep.errors import TrainingDiverged
 from fewstep.methods.noise import BatchNoise
 from fewstep.networks.preconditioning import edm_denoise
 from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
-from fewstep.schema import build, plain
 
 RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fewstep.constructors import build
 from fewstep.errors import ConfigError
 from fewstep.methods.base import plain
 from fewstep.methods.gan import AdversarialTraining
@@ -18,7 +19,6 @@ from fewstep.networks.discriminators import Head
 from fewstep.networks.preconditioning import denoiser_features, edm_denoise
 from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
 from fewstep.samplers.grids import karras_warp
-from fewstep.schema import build
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 5e-5, "betas": [0.0, 0.99]}
 

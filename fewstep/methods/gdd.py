@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from fewstep.constructors import build
 from fewstep.errors import ConfigError
 from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.gan import LOSSES, AdversarialTraining, LazyR1, discriminator_loss, generator_loss
@@ -20,7 +21,6 @@ from fewstep.networks.discriminators import build_discriminator
 from fewstep.networks.freezing import freeze as freeze_layers
 from fewstep.networks.preconditioning import shifted_edm_denoise
 from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
-from fewstep.schema import build
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
 

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fewstep.constructors import build, resolve
 from fewstep.errors import ConfigError, one_line
 from fewstep.networks.mlp import MLP
 from fewstep.networks.preconditioning import PreconditionedDenoiser, denoiser_features
 from fewstep.networks.unet import UNet
-from fewstep.schema import build, resolve
 
 
 class Head(nn.Module):
@@ -205,7 +205,7 @@ class TimmDiscriminator(_FrozenBackbone):
         path = Path(str(self.weights)).expanduser()
         if not path.is_file():
             raise ConfigError(self._fix(f"timm weights file '{path}' not found"))
-        from fewstep.checkpoints import check_torch_archive
+        from fewstep.torch_files import check_torch_archive
 
         check_torch_archive(path, legacy=True)  # no zip member that declares more than the file holds
         try:

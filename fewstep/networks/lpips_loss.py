@@ -77,7 +77,7 @@ def check_options(net: str, resize: int | None, data_shape, prefix: str = "metho
 def read_backbone(pnet: nn.Module, path: Path, net: str) -> None:
     """Load a torchvision state_dict (of the whole model or of its ``features``) into lpips's sliced backbone."""
     arch = "vgg16" if net == "vgg" else "alexnet"
-    from fewstep.checkpoints import check_torch_archive
+    from fewstep.torch_files import check_torch_archive
 
     check_torch_archive(path, legacy=True)  # no zip member that declares more than the file holds
     try:
