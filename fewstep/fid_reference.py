@@ -66,7 +66,7 @@ def fid_reference(cfg: DictConfig) -> dict:
 
     device = resolve_device(cfg.device)
     warn_if_biased(count)
-    console = Console()
+    console = Console(soft_wrap=True)  # paths stay whole, to be copied from a log
     console.print(f"Inception features of {count} {data_name} images ({shape}) on {device} ...")
     progress = Progress.from_config(cfg.get("progress"))
     batches = progress.track(uint8_batches(datamodule.train_set, count, cfg.batch_size), "features", count, "images")

@@ -47,7 +47,8 @@ def sample_checkpoint(cfg: DictConfig) -> dict:
     np.savez_compressed(out / "samples.npz", **arrays)
     Console().print(
         f"{cfg.n} samples, {cfg.sampler.name} at {nfe} NFE, {cfg.n / seconds:.1f} samples/s -> "
-        f"{out / 'samples.npz'}" + (f" and {out / 'samples.png'}" if samples.ndim == 4 else "")
+        f"{out / 'samples.npz'}" + (f" and {out / 'samples.png'}" if samples.ndim == 4 else ""),
+        soft_wrap=True,  # paths stay whole, to be copied from a log
     )
     return {"nfe": nfe, "seconds": seconds, "dir": str(out)}
 
