@@ -1,5 +1,7 @@
 """Every file of the config tree composes and instantiates."""
 
+from pathlib import Path
+
 import pytest
 from hydra.utils import instantiate
 
@@ -135,3 +137,20 @@ def test_the_wheel_carries_the_whole_config_tree(tmp_path):
     packed = {name.removeprefix("fewstep/conf/") for name in zipfile.ZipFile(wheel).namelist() if name.startswith("fewstep/conf/")}
     tree = {str(path.relative_to(REPO / "conf")) for path in (REPO / "conf").rglob("*.yaml")}
     assert tree and packed == tree
+
+
+def test_code_comments_and_configs_name_no_issue_numbers():
+    # what a number refers to is in docs/ and the history, never in the code a reader opens
+    import re
+
+    pattern = re.compile(r"\bissue \d+", re.IGNORECASE)
+    root = Path(__file__).resolve().parents[1]
+    found = [
+        f"{path.relative_to(root)}:{number}"
+        for folder in ("fewstep", "conf", "tests")
+        for path in sorted((root / folder).rglob("*"))
+        if path.suffix in (".py", ".yaml") and path.is_file() and not path.is_symlink()
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
+        if pattern.search(line)
+    ]
+    assert not found, found

@@ -1,4 +1,4 @@
-"""Issue 17: faint noise on the black backgrounds of Kac samples, tested on exact Kac laws.
+"""Faint noise on the black backgrounds of Kac samples, tested on exact Kac laws.
 
 Per coordinate the data are a point mass (a black pixel, x0 = -1), two points (black and white pixels) or a
 Gaussian N(m, s^2); the exact marginal velocity u(x, t) = E[f'(t) x0 + g'(t) v_K(x_t - f(t) x0, g(t)) | x_t = x]
@@ -125,7 +125,7 @@ def _resolves_three_quarters(t: float) -> float:
 def test_a_velocity_error_at_mid_times_stays_in_the_sample_and_the_final_jumps_remove_it():
     velocity = points_velocity([-1.0], [1.0], kac_scale=_resolves_three_quarters)
     x = sample_kac(velocity, prior(4000, seed=3), "kac_euler", 100)
-    # the Kac flow does not contract the error: about a quarter of the black pixels end faint (issue 17: 20-50%)
+    # the Kac flow does not contract the error: about a quarter of the black pixels end faint (20-50% in the Kac students' samples)
     assert faint(x) > 0.15
     # the default final jumps (their NFE out of the same budget), taken with the model's own velocity
     denoised = sample_kac(velocity, prior(4000, seed=3), "kac_euler", 100, denoise=DEFAULT_DENOISE)

@@ -133,7 +133,7 @@ def test_endpoint_loss_against_its_closed_form():
 
 
 def test_endpoints_at_zero_take_the_teachers_denoising_jumps():
-    # issue 17: where the student interval ends at t = 0 the teacher's endpoint is its sample, which takes
+    # where the student interval ends at t = 0 the teacher's endpoint is its sample, which takes
     # the teacher's final jumps x <- x - t_d u(x, t_d); with u = lam x that is x (1 - h lam)^N prod (1 - t_d lam).
     teacher = kac_model(a=9.0, c=3.0, denoise=[0.2, 0.1])
     student = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=4, teacher_steps=20)
@@ -161,7 +161,7 @@ def test_endpoints_at_zero_take_the_teachers_denoising_jumps():
 
 
 def test_rollouts_replace_the_last_intervals_states_with_the_students_own():
-    # issue 17: with u = mu x, the student's M - 1 Euler steps of size D from the prior give x_T (1 - D mu)^(M - 1);
+    # with u = mu x, the student's M - 1 Euler steps of size D from the prior give x_T (1 - D mu)^(M - 1);
     # only samples drawn on the last interval (t = D) are replaced, so the mix of intervals is unchanged
     student = kac_model(KacEndpoint, a=9.0, c=3.0, student_steps=4, teacher_steps=20, rollout_share=0.5)
     mu = -0.4

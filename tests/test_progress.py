@@ -1,5 +1,5 @@
 """Progress without a terminal (plain lines, flushed), line-buffered entry points, and a run summary whose
-commands can be copied (issue 16)."""
+commands can be copied."""
 
 from __future__ import annotations
 

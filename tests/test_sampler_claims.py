@@ -1,4 +1,4 @@
-"""Issue 17's sampler claims: the second-order lazy solver (lazy_2m) and the SEEDS-2 weights (tools/bench_mixture.py)."""
+"""The mixture benchmark's sampler claims: the second-order lazy solver (lazy_2m) and the SEEDS-2 weights (tools/bench_mixture.py)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
     (its Euler steps from the prior, no gradient; DDIL's student rollouts, Garrepalli et al. 2024): where it must
     learn the teacher's final jumps on the states it meets when sampling. From forward-path states alone, 17% of a
     20-step student's samples stayed noisy, though the teacher's last interval and jumps from the student's own
-    states at t = D cleaned every one (issue 17, docs/reproduction.md).
+    states at t = D cleaned every one (docs/reproduction.md).
 
     The teacher is attached with ``attach_teacher`` before fitting; it is not a submodule, so neither the
     checkpoint nor the EMA average carries it (``teacher_ckpt`` records where it came from).
@@ -81,7 +81,7 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
 
         Where t - D = 0 the endpoint is the teacher's sample, so it takes the teacher's final denoising jumps
         (its ``denoise_times``; a student teacher has none) unless ``teacher_denoise`` is false: the student
-        learns the denoised endpoint and samples without extra NFE (issue 17)."""
+        learns the denoised endpoint and samples without extra NFE."""
         n_sub = self.hparams.teacher_steps // self.hparams.student_steps
         step = self.hparams.T / self.hparams.student_steps / n_sub
         ts = t[None, :] - step * torch.arange(n_sub + 1, device=t.device, dtype=t.dtype)[:, None]

@@ -12,7 +12,7 @@ from fewstep.samplers.kac import check_denoise
 from fewstep.samplers.noise import kac_prior
 
 KAC_HPARAMS = ("a", "c", "T", "f", "g")  # what a Kac model's process is; a teacher and its student share them
-# Final denoising jumps (fractions of T) after the ODE, issue 17: see fewstep.samplers.kac.denoise_tail
+# Final denoising jumps (fractions of T) after the ODE: see fewstep.samplers.kac.denoise_tail
 DENOISE = (0.2, 0.1, 0.05)
 
 
@@ -22,8 +22,8 @@ class KacTeacher(GenerativeMethod):
     Sampling integrates dx/dt = u(x, t) from the Kac prior at t = T to t = 0 (kac_euler, kac_heun, kac_ab2);
     class-conditional models take velocity-space guidance u_w = (1 + w) u(x, t | y) - w u(x, t | empty).
     ``denoise`` (fractions of T, default 0.2, 0.1, 0.05) are the final denoising jumps x <- x - t_d u(x, t_d)
-    after the ODE, one NFE each out of the budget, at most half of it (``fewstep.samplers.kac.denoise_tail``,
-    issue 17); [] for none.
+    after the ODE, one NFE each out of the budget, at most half of it (``fewstep.samplers.kac.denoise_tail``:
+    they clear faint noise on black backgrounds); [] for none.
     """
 
     kind_name = "a Kac model"  # what DistillKac's teacher must be (fewstep.methods.teacher)

@@ -6,7 +6,7 @@ inside the k-NN balls of the generated ones, precision the converse; class cover
 of each generated image off a classifier of the data set and compares the class histogram with the
 uniform one. ``python -m fewstep.evaluate metric=fid_domain`` reports all three beside the FID, on the
 domain classifier's features and predictions, and the dark-pixel fraction: faint noise left on a black
-background, which FID barely sees (issue 17: the Kac sampler's flat regions).
+background, which FID barely sees (the Kac samplers leave it on flat regions).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 DARK, FAINT = 64, 8  # uint8 levels: a pixel <= DARK is dark; a dark pixel > FAINT is faint noise
 # An image is noisy when over a quarter of its own dark pixels are faint: no MNIST digit is (the most of 2,000 at
-# 16 x 16 is 0.227), while ~15% of the Kac students' samples were before rollouts (issue 17).
+# 16 x 16 is 0.227), while ~15% of the Kac students' samples were before rollouts (docs/reproduction.md).
 NOISY = 0.25
 
 

@@ -93,7 +93,7 @@ def denoise_tail(velocity, x, times=(), callback=None):
 
     The Kac flow does not contract errors: an atom moves rigidly (u = f' x0 +- c g' on the cone) and the inside
     of the cone contracts only by (t + 2/a), so a velocity error made at t ~ 0.1-0.5 stays in the sample as faint
-    noise on flat (black) backgrounds (issue 17). Each jump reads the sample as a state of the path at t_d and
+    noise on flat (black) backgrounds. Each jump reads the sample as a state of the path at t_d and
     takes the model's one-step estimate of its endpoint; a few decreasing t_d (default 0.2, 0.1, 0.05 of T) remove
     most of that residual noise, as a diffusion sampler's last denoising step does. It is not exact: a clean
     sample is not a state of the path at t_d, and under the exact velocity of point-mass data the jumps push
