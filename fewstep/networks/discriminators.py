@@ -110,10 +110,8 @@ class TeacherEncoderDiscriminator(_FrozenBackbone):
         if not sigma > 0:
             raise ConfigError(f"discriminator.sigma={sigma}: the teacher encoder needs a noise level > 0 (e.g. 0.5)")
         backbone = build(net, data_shape=list(data_shape), num_classes=num_classes)
-        if isinstance(backbone, UNet):
-            del backbone.up, backbone.upsample, backbone.norm_out, backbone.conv_out  # the decoder is not used
-        elif isinstance(backbone, MLP):
-            del backbone.norm_out, backbone.fc_out
+        if isinstance(backbone, (UNet, MLP)):
+            backbone.drop_decoder()  # the encoder's features are all it reads
         elif not isinstance(backbone, PreconditionedDenoiser):  # those run whole, their encoder's outputs hooked
             raise ConfigError(
                 f"the teacher_encoder discriminator reads a UNet, MLP or preconditioned (EDM, diffusers) teacher, not a "
@@ -139,27 +137,6 @@ class TeacherEncoderDiscriminator(_FrozenBackbone):
         if self.add_noise:
             x = x + self.sigma * torch.randn_like(x)
         return denoiser_features(self.backbone, x, sigma, class_labels, self.sigma_data)
-
-
-def encoder_features(net: nn.Module, x: torch.Tensor, c_noise: torch.Tensor, class_labels=None) -> list[torch.Tensor]:
-    """The encoder features of a UNet (each down level's output, then the middle) or an MLP (each block's)
-    on the network's own (already c_in-scaled) input ``x``; the last one is the bottleneck."""
-    emb = net.embed(c_noise, class_labels)
-    if isinstance(net, MLP):
-        h, features = net.fc_in(x), []
-        for block in net.blocks:
-            h = block(h, emb)
-            features.append(h)
-        return features
-    h, features = net.conv_in(x), []
-    for i, level in enumerate(net.down):
-        h, _ = level(h, emb)
-        features.append(h)
-        if i < len(net.downsample):
-            h = net.downsample[i](h)
-    h = net.mid_attn(net.mid[0](h, emb))
-    features.append(net.mid[1](h, emb))
-    return features
 
 
 class TimmDiscriminator(_FrozenBackbone):

@@ -58,3 +58,17 @@ class MLP(nn.Module):
         for block in self.blocks:
             h = block(h, emb)
         return self.fc_out(F.silu(self.norm_out(h)))
+
+    def encoder_features(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None
+                         ) -> list[torch.Tensor]:
+        """Each block's output on the (c_in-scaled) input ``x``; the last is the bottleneck."""
+        emb = self.embed(c_noise, class_labels)
+        h, features = self.fc_in(x), []
+        for block in self.blocks:
+            h = block(h, emb)
+            features.append(h)
+        return features
+
+    def drop_decoder(self) -> None:
+        """Delete the output layers, which ``encoder_features`` does not use."""
+        del self.norm_out, self.fc_out

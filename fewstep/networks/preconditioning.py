@@ -112,7 +112,5 @@ def denoiser_features(net: nn.Module, x: torch.Tensor, sigma, class_labels, sigm
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
     if isinstance(net, PreconditionedDenoiser):
         return net.encoder_features(x, sigma, class_labels)
-    from fewstep.networks.discriminators import encoder_features
-
     _, _, c_in, c_noise = edm_coefficients(sigma, sigma_data)
-    return encoder_features(net, c_in.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) * x, c_noise, class_labels)
+    return net.encoder_features(c_in.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype) * x, c_noise, class_labels)

@@ -168,3 +168,21 @@ class UNet(nn.Module):
                 # Upsample to the skip's size, so odd sizes (28 -> 14 -> 7) round-trip.
                 h = self.upsample[i](F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def encoder_features(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None
+                         ) -> list[torch.Tensor]:
+        """Each down level's output, then the middle's (the bottleneck, last), on the (c_in-scaled) input ``x``."""
+        emb = self.embed(c_noise, class_labels)
+        h, features = self.conv_in(x), []
+        for i, level in enumerate(self.down):
+            h, _ = level(h, emb)
+            features.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.mid_attn(self.mid[0](h, emb))
+        features.append(self.mid[1](h, emb))
+        return features
+
+    def drop_decoder(self) -> None:
+        """Delete the layers that only ``forward`` uses, for a frozen encoder (``encoder_features``) that never needs them."""
+        del self.up, self.upsample, self.norm_out, self.conv_out
