@@ -240,13 +240,8 @@ def check_node(node: Any, group: str, where: str) -> dict:
             raise UntrustedConfig(f"{where}.{key} is set by fewstep, never by a file")
         if key not in known:
             raise UntrustedConfig(f"{where}.{key} is not an argument of {target}")
-        if group == "discriminator" and key == "net":
-            continue
         hint, default = known[key]
-        if key in NODE_ARGUMENTS and group == "network":  # a network built around another network's config
-            check_node(value, NODE_ARGUMENTS[key], f"{where}.{key}")
-        else:
-            check_value(value, hint, f"{where}.{key}", default)
+        check_value(value, hint, f"{where}.{key}", default)
     return dict(node)
 
 

@@ -10,7 +10,6 @@ inert ``PersistentRecord``s, and the network is rebuilt from fewstep's own class
 from __future__ import annotations
 
 import collections
-import inspect
 import io
 import math
 import pickle
@@ -480,9 +479,11 @@ def _build(path: Path, class_name: str, init_args: tuple, init_kwargs: dict, sta
         )
     from fewstep.schema import check_edm_arguments
 
-    check_edm_arguments(path, class_name, init_args, init_kwargs)  # the file's arguments are data: typed, never nodes
+    # the file's arguments are data: checked by name and type, then passed as plain values (model_kwargs flattened,
+    # which EDM's preconditionings take as **model_kwargs)
+    arguments = check_edm_arguments(path, class_name, init_args, init_kwargs)
     try:
-        module = EDM_CLASSES[class_name](*init_args, **init_kwargs)
+        module = EDM_CLASSES[class_name](**arguments)
     except Exception as error:  # arguments from the file that this implementation does not take
         raise CheckpointError(one_line(
             f"'{path}': cannot build {class_name} from the recorded arguments ({type(error).__name__}: {error})"
@@ -491,10 +492,7 @@ def _build(path: Path, class_name: str, init_args: tuple, init_kwargs: dict, sta
     if misfit:
         raise CheckpointError(f"'{path}': the weights do not fit fewstep's {class_name}: {misfit}")
     module.load_state_dict(state_dict, strict=True)
-    signature = inspect.signature(EDM_CLASSES[class_name]).bind(*init_args, **init_kwargs).arguments
-    module.edm_arguments = {  # what rebuilds it: fewstep's model config (edm_network_config)
-        **{k: v for k, v in signature.items() if k != "model_kwargs"}, **signature.get("model_kwargs", {})
-    }
+    module.edm_arguments = arguments  # what rebuilds it: fewstep's model config (edm_network_config)
     return module.eval()
 
 
