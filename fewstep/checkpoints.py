@@ -65,22 +65,17 @@ def refused_global(path: Path, error: Exception) -> str:
 
 
 def method_class(checkpoint: dict) -> type:
-    """The method class a checkpoint names, by its exact qualified name: one of fewstep's methods, or a method class of
-    the user's own that the program has already imported (a file never makes fewstep import anything)."""
-    from fewstep.methods import GenerativeMethod
+    """The method class a checkpoint names, by its exact qualified name: one of ``fewstep.methods.METHODS``, fewstep's
+    methods and those a program registered (``fewstep.methods.register_method``); a file never makes fewstep import
+    anything."""
+    from fewstep.methods import METHODS
 
     name = checkpoint["fewstep"].get("method_class", "") if isinstance(checkpoint.get("fewstep"), dict) else ""
-    known = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in _subclasses(GenerativeMethod)}
+    known = {f"{cls.__module__}.{cls.__qualname__}": cls for cls, _ in METHODS.values()}
     if not isinstance(name, str) or name not in known:
-        raise CheckpointError(f"the checkpoint names the method class {str(name)[:80]!r}, which is not a fewstep method")
+        raise CheckpointError(f"the checkpoint names the method class {str(name)[:80]!r}, which is not a fewstep method "
+                              "(fewstep.methods.METHODS; a class of your own: call fewstep.methods.register_method first)")
     return known[name]
-
-
-def _subclasses(cls: type) -> list[type]:
-    found = []
-    for sub in cls.__subclasses__():
-        found += [sub, *_subclasses(sub)]
-    return found
 
 
 def method_from_checkpoint(checkpoint: dict, path: str | Path):

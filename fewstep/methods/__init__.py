@@ -1,7 +1,8 @@
-"""One LightningModule per method. METHODS maps each config name to its class and paper; it is also the list of
-classes a checkpoint may name (fewstep.checkpoints.method_class). DDIL (Garrepalli et al., DDIL: Diversity
-Enhancing Diffusion Distillation with Imitation Learning, arXiv 2410.11971) is not a method but a switch on any
-EDM-space student (ddil=default; fewstep.methods.student)."""
+"""One LightningModule per method. METHODS maps each config name (conf/method/<name>.yaml) to its class and paper; it
+is also the list of classes a checkpoint may name (fewstep.checkpoints.method_class), to which a program adds its own
+with ``register_method``. DDIL (Garrepalli et al., DDIL: Diversity Enhancing Diffusion Distillation with Imitation
+Learning, arXiv 2410.11971) is not a method but a switch on any EDM-space student (ddil=default;
+fewstep.methods.student)."""
 
 from fewstep.methods.base import GenerativeMethod
 from fewstep.methods.consistency import Consistency
@@ -25,7 +26,19 @@ METHODS = {
     "dmd2": (DMD2, "Yin et al., Improved Distribution Matching Distillation (DMD2), arXiv 2405.14867"),
 }
 
+
+def register_method(name: str, cls: type, paper: str) -> None:
+    """Add a method class of your own to METHODS as ``name``, so that its checkpoints load (by the class's exact
+    qualified name, once your program has imported it); ``paper`` is what it implements."""
+    if not (isinstance(cls, type) and issubclass(cls, GenerativeMethod)):
+        raise ValueError(f"register_method({name!r}, {cls!r}): a method is a subclass of fewstep.methods.GenerativeMethod")
+    taken = METHODS.get(name, (cls,))[0]
+    if taken is not cls:
+        raise ValueError(f"the method name {name!r} is {taken.__qualname__}'s: register {cls.__qualname__} under another")
+    METHODS[name] = (cls, paper)
+
+
 __all__ = [
     "METHODS", "BatchNoise", "GenerativeMethod", "Consistency", "DMD2", "EDMTeacher", "FlowTeacher", "GDD", "KacEndpoint", "KacTeacher",
-    "Progressive",
+    "Progressive", "register_method",
 ]

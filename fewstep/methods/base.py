@@ -85,20 +85,33 @@ class GenerativeMethod(L.LightningModule):
     def denoiser(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- sampling: one template, ``draw`` the hook -------------------------------------------------------------
+    sampled = "denoiser"  # the model samplers call: denoiser(x, sigma, class_labels), or a Kac model's velocity
+
     def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
         """Samples for the seeds of ``noise`` (a SeededNoise) with at most ``nfe`` network calls: (x, NFE counted).
 
-        This one runs a diffusion sampler on ``denoiser``; methods of other processes override it.
+        ``draw`` runs the sampler on the model, guided when labelled (``sampling_model``) and counted.
         """
+        counted = CountingDenoiser(self.sampling_model(class_labels, guidance))
+        return self.draw(counted, noise, sampler, nfe, grid, options), counted.nfe
+
+    def sampling_model(self, class_labels, guidance: float):
+        """What the sampler calls, f(x, sigma): ``sampled`` with classifier-free guidance when ``class_labels`` are given."""
+        model = getattr(self, self.sampled)
+        return model if class_labels is None else guided_denoiser(model, guidance, class_labels, self.null_label)
+
+    def sampler_defaults(self) -> dict:
+        """The sampler options (``grid`` included) this model is sampled with unless told otherwise."""
+        return {"grid": "karras"}
+
+    def draw(self, model, noise, sampler: str, nfe: int, grid: str | None, options: dict) -> torch.Tensor:
+        """x from ``model``: a diffusion sampler from the seeds' x_T, with ``sampler_defaults`` under ``options``."""
+        options = {**self.sampler_defaults(), **options, **({"grid": grid} if grid else {})}
         if options.get("sigma_data", 0.5) is None:  # lazy samplers: the data scale the model was trained with
             options["sigma_data"] = float(self.hparams.get("sigma_data", 0.5))
-        denoiser = self.denoiser
-        if class_labels is not None:
-            denoiser = guided_denoiser(denoiser, guidance, class_labels, self.null_label)
-        counted = CountingDenoiser(denoiser)
         x_T = noise.randn(tuple(self.hparams.data_shape))
-        x = sample(counted, x_T, sampler, nfe, generator=noise, grid=grid or "karras", **options)
-        return x, counted.nfe
+        return sample(model, x_T, sampler, nfe, generator=noise, **options)
 
     def step_rng(self, n: int, device, batch_idx: int = 0) -> BatchNoise:
         """This training step's randomness for ``n`` samples per rank, seeded by the run's seed (seed_everything), the
@@ -182,11 +195,12 @@ class DenoiserMethod(GenerativeMethod):
     def denoiser(self, x, sigma, class_labels=None):
         return edm_denoise(self.net, x, sigma, class_labels, self.hparams.sigma_data)
 
-    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+    def sampler_defaults(self) -> dict:
         # A network trained on a bounded range of noise levels (EDM's VP, a DDPM) is sampled inside it, as EDM does.
+        defaults = super().sampler_defaults()
         low, high = getattr(self.net, "sigma_min", 0.0), getattr(self.net, "sigma_max", float("inf"))
-        if "sigma_min" not in options and low > 0.002:
-            options["sigma_min"] = float(low)
-        if "sigma_max" not in options and high < 80.0:
-            options["sigma_max"] = float(high)
-        return super().sample_batch(noise, sampler, nfe, class_labels, guidance, grid, **options)
+        if low > 0.002:
+            defaults["sigma_min"] = float(low)
+        if high < 80.0:
+            defaults["sigma_max"] = float(high)
+        return defaults

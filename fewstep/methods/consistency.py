@@ -10,7 +10,6 @@ from fewstep.errors import ConfigError
 from fewstep.methods.student import DistilledStudent, ddim_step
 from fewstep.networks.lpips_loss import check_options
 from fewstep.networks.preconditioning import shifted_edm_denoise
-from fewstep.samplers import CountingDenoiser, sample
 
 LOSSES = ("l2", "huber", "lpips")
 
@@ -33,7 +32,8 @@ def consistency_distance(
 
 
 class Consistency(DistilledStudent):
-    """f(x, sigma) = c_skip x + c_out F with c_skip/c_out shifted so that f(x, eps) = x (eps = sigma_min).
+    """Consistency distillation (Song et al. 2023; LCM, Luo et al. 2023): f(x, sigma) = c_skip x + c_out F with
+    c_skip/c_out shifted so that f(x, eps) = x (eps = sigma_min).
 
     The teacher's grid is the nested Karras grid of ``teacher_steps`` levels, its last one eps. A state x_i at
     level sigma_i is moved ``skip`` levels down by one teacher DDIM step (guided with w ~ U[w_min, w_max] per
@@ -113,16 +113,12 @@ class Consistency(DistilledStudent):
     def denoiser(self, x, sigma, class_labels=None, w=None):
         return self.consistency_fn(self.net, x, sigma, class_labels, w)
 
-    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+    def sampling_model(self, class_labels, guidance: float):
         """A guided student takes the guidance scale w through its embedding: one call per step, no unconditional one."""
         if not self.guided or class_labels is None:
-            return super().sample_batch(noise, sampler, nfe, class_labels, guidance, grid, **options)
-        hp = self.hparams
+            return super().sampling_model(class_labels, guidance)
         w = torch.full((class_labels.shape[0],), float(guidance), device=class_labels.device)
-        counted = CountingDenoiser(lambda x, sigma: self.denoiser(x, sigma, class_labels, w))
-        options = {"sigma_max": float(hp.sigma_max), "sigma_min": float(hp.sigma_min), "rho": float(hp.rho), **options}
-        x = sample(counted, noise.randn(tuple(hp.data_shape)), sampler, nfe, generator=noise, grid=grid or "nested", **options)
-        return x, counted.nfe
+        return lambda x, sigma: self.denoiser(x, sigma, class_labels, w)
 
     # -- training ---------------------------------------------------------------------------------------------
     def state_loss(self, x, k, class_labels, rng):

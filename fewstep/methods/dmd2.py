@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fewstep.constructors import build
 from fewstep.errors import ConfigError
 from fewstep.methods.base import plain
 from fewstep.methods.gan import AdversarialTraining
@@ -19,8 +18,6 @@ from fewstep.networks.discriminators import Head
 from fewstep.networks.preconditioning import denoiser_features, edm_denoise
 from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
 from fewstep.samplers.grids import karras_warp
-
-ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 5e-5, "betas": [0.0, 0.99]}
 
 
 def distribution_matching_grad(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -39,20 +36,15 @@ def distribution_matching_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Te
 
 
 class DMD2(AdversarialTraining, DistilledStudent):
-    """A 1- or K-step generator G(x_k, sigma_k) (EDM preconditioning, started from the teacher) trained by
-    distribution matching against the frozen teacher (the real score, guided when conditional) and a fake-score
-    critic trained by denoising on the generator's outputs, ``critic_steps`` critic updates per generator step;
-    an optional GAN head on the critic's bottleneck (``gan_weight``), and no regression loss.
-
-    The generator's levels are the nested grid of ``student_steps``; a K-step student is trained on its own
-    backward simulation (the state at level k is the current generator run from noise for k steps, renoised),
-    and samples with ``consistency`` (x0 = G(x, sigma_k), then x0 + sigma_{k+1} z). The distribution-matching
-    noise level is sigma(u), u ~ U[0.02, 0.98] on the Karras warp from sigma_max to sigma_min (DMD2's
-    t ~ U[0.02, 0.98] T). Manual optimisation (``AdversarialTraining``): the critic steps, then the generator's
-    with the critic frozen; only the generator step advances ``global_step``.
+    """DMD2 (Yin et al. 2024): a 1- or K-step generator, started from the teacher, trained by distribution matching
+    against the frozen teacher (the real score) and a fake-score critic that denoises the generator's outputs
+    (``critic_steps`` updates per generator step), with an optional GAN head on the critic (``gan_weight``); no
+    regression loss. A K-step generator trains on its own backward simulation and samples with ``consistency``.
     """
 
     student_sampler = "consistency"
+    adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 5e-5, "betas": [0.0, 0.99]}
+    optimizer_keys = ("optimizer", "optimizer_critic")
 
     def __init__(
         self, *args, student_steps: int = 1, critic_steps: int = 5, gan_weight: float = 3e-3, critic_gan_weight: float = 1e-2,
@@ -60,7 +52,7 @@ class DMD2(AdversarialTraining, DistilledStudent):
         optimizer_critic: dict | None = None, head_channels: int = 64, **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        optimizer_critic = plain(optimizer_critic) or dict(ADAM)
+        optimizer_critic = plain(optimizer_critic)
         self.save_hyperparameters(
             "student_steps", "critic_steps", "gan_weight", "critic_gan_weight", "dm_range", "p_mean", "p_std",
             "optimizer_critic", "head_channels",
@@ -74,15 +66,12 @@ class DMD2(AdversarialTraining, DistilledStudent):
         lo, hi = (float(u) for u in dm_range)
         if not 0 <= lo < hi <= 1:
             raise ConfigError(f"method.dm_range={list(dm_range)}: need 0 <= low < high <= 1 (fractions of the noise range)")
-        if self.hparams.scheduler:
-            raise ConfigError("dmd2 steps its two optimisers itself and takes no scheduler: set method.scheduler=null")
         self.fake_net = copy.deepcopy(self.net)  # the fake-score critic, restarted from the teacher in attach_teacher
         self.gan = gan_weight > 0 or critic_gan_weight > 0
         if self.gan:
             with torch.no_grad():
                 features = self.critic_features(torch.zeros(1, *self.hparams.data_shape), torch.ones(1), None)
             self.head = Head(features.shape[1], head_channels, self.num_classes, spatial=features.ndim == 4)
-        self.automatic_optimization = False
 
     def teacher_attached(self, teacher) -> None:
         self.fake_net.load_state_dict(teacher.net.state_dict(), strict=False)
@@ -120,6 +109,7 @@ class DMD2(AdversarialTraining, DistilledStudent):
         return states, k
 
     def dm_sigmas(self, rng) -> torch.Tensor:
+        # sigma(u), u ~ U[dm_range] on the Karras warp from sigma_max to sigma_min: DMD2's t ~ U[0.02, 0.98] T
         hp = self.hparams
         lo, hi = (float(u) for u in hp.dm_range)
         return karras_warp(lo + (hi - lo) * rng.rand(), hp.sigma_min, hp.sigma_max, hp.rho)
@@ -159,11 +149,7 @@ class DMD2(AdversarialTraining, DistilledStudent):
             out["loss"] = out["loss"] + hp.gan_weight * out["gan"]
         return out
 
-    def check_finite(self, value: torch.Tensor, what: str = "training", hint: str | None = None) -> None:
-        super().check_finite(value, what, hint or "lower method.optimizer.lr / method.optimizer_critic.lr")
-
-    @property
-    def critic(self) -> list[nn.Module]:
+    def critic_modules(self) -> list[nn.Module]:
         """The fake-score critic's modules: its network and, with ``gan``, the GAN head."""
         return [self.fake_net, self.head] if self.gan else [self.fake_net]
 
@@ -182,9 +168,7 @@ class DMD2(AdversarialTraining, DistilledStudent):
         def generator_step():
             return self.generator_loss(self.student_x0(x, sigma, labels), labels, rng)
 
-        g, c = self.adversarial_step(
-            generator_step, critic_step, self.critic, steps=self.hparams.critic_steps, names=("generator", "critic")
-        )
+        g, c = self.adversarial_step(generator_step, critic_step, steps=self.hparams.critic_steps, names=("generator", "critic"))
         self.log("train/loss", g["loss"].detach(), prog_bar=True)
         self.log("train/loss_dm", g["dm"].detach())
         self.log("train/loss_critic", c["denoise"].detach(), prog_bar=True)
@@ -197,10 +181,3 @@ class DMD2(AdversarialTraining, DistilledStudent):
         """Validation: the distribution-matching loss of the generator's outputs at these states."""
         fake = self.student_x0(x, self.state_sigmas[k], class_labels)
         return self.generator_loss(fake, class_labels, rng)["dm"].detach()
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        critic = [p for module in self.critic for p in module.parameters()]
-        opt_g = build(hp.optimizer)(self.net.parameters())
-        opt_c = build(hp.optimizer_critic)(critic)
-        return [opt_g, opt_c]

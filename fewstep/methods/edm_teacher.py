@@ -7,7 +7,7 @@ from fewstep.processes.gaussian import edm_loss_weight, edm_training_sigmas
 
 
 class EDMTeacher(DenoiserMethod):
-    """loss = lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2 with ln sigma ~ N(P_mean, P_std^2)."""
+    """EDM (Karras et al. 2022): loss = lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2, ln sigma ~ N(P_mean, P_std^2)."""
 
     def __init__(self, *args, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2, **kwargs):
         super().__init__(*args, **kwargs)

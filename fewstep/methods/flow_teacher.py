@@ -7,7 +7,7 @@ from fewstep.processes import flow
 
 
 class FlowTeacher(GenerativeMethod):
-    """loss = |u(x_t, t) - (n - x0)|^2, x_t = (1 - t) x0 + t n, t ~ logit-normal(t_mean, t_std)."""
+    """Flow matching (Lipman et al. 2023): loss = |u(x_t, t) - (n - x0)|^2, x_t = (1 - t) x0 + t n, t ~ logit-normal."""
 
     def __init__(self, *args, t_mean: float = 0.0, t_std: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fewstep.constructors import build
+from fewstep.errors import ConfigError
 from fewstep.networks.freezing import no_param_grads
 
 LOSSES = ("nonsaturating", "hinge")
@@ -87,23 +89,62 @@ class LazyR1:
 
 
 class AdversarialTraining:
-    """Mixin for a LightningModule trained as a GAN under manual optimisation (``automatic_optimization = False``).
+    """Mixin for a LightningModule trained as a GAN under manual optimisation, the generator's network ``net``.
 
-    ``configure_optimizers`` returns [the generator's optimiser, the discriminator's]. ``adversarial_step``
-    makes ``steps`` discriminator updates (each ``discriminator_loss()``, backward, step), then one generator
-    update (``generator_loss()`` with the discriminator's parameters frozen, backward, step). Each loss callable
-    returns a dict whose ``loss`` is optimised; every loss is checked finite (``check_finite``). The
-    discriminator steps go through the strategy's optimizer_step uncounted, so only the generator step
-    advances ``trainer.global_step`` (max_steps, val_check_interval and the EMA count batches).
+    ``configure_optimizers`` gives [the generator's optimiser, the critic's]: built from the hyperparameters named by
+    ``optimizer_keys``, each ``adam`` (the method's default) where unset, over ``generator_parameters()`` and the
+    trainable parameters of ``critic_modules()``. No scheduler: the method steps its two optimisers itself.
+    ``adversarial_step`` makes ``steps`` critic updates (each ``discriminator_loss()``, backward, step), then one
+    generator update (``generator_loss()`` with the critic's parameters frozen, backward, step). Each loss callable
+    returns a dict whose ``loss`` is optimised; every loss is checked finite (``check_finite``, whose hint names the
+    two learning rates). The critic steps go through the strategy's optimizer_step uncounted, so only the generator
+    step advances ``trainer.global_step`` (max_steps, val_check_interval and the EMA count batches).
     """
+
+    adam: dict  # the method's default optimiser config, for either side
+    optimizer_keys = ("optimizer_g", "optimizer_d")  # the hyperparameters of the generator's and the critic's
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.hparams.get("scheduler"):
+            name = type(self).__name__.lower()
+            raise ConfigError(f"{name} steps its two optimisers itself and takes no scheduler: set method.scheduler=null")
+        self.automatic_optimization = False
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def critic_modules(self) -> list[nn.Module]:
+        """The discriminator's (critic's) modules: its optimiser's parameters, frozen for the generator's loss."""
+        raise NotImplementedError
+
+    def optimizer_config(self, key: str) -> dict:
+        return self.hparams.get(key) or self.adam
+
+    def configure_optimizers(self):
+        generator_key, critic_key = self.optimizer_keys
+        critic = [p for module in self.critic_modules() for p in module.parameters() if p.requires_grad]
+        return [
+            build(self.optimizer_config(generator_key))(self.generator_parameters()),
+            build(self.optimizer_config(critic_key))(critic),
+        ]
+
+    def check_finite(self, value: torch.Tensor, what: str = "training", hint: str | None = None) -> None:
+        if hint is None:
+            rates = " / ".join(str(self.optimizer_config(key).get("lr")) for key in self.optimizer_keys)
+            hint = f"lower method.{self.optimizer_keys[0]}.lr / method.{self.optimizer_keys[1]}.lr (now {rates})"
+            if "r1_gamma" in self.hparams:
+                hint += f" or raise method.r1_gamma (now {self.hparams.r1_gamma})"
+        super().check_finite(value, what, hint)
 
     def adversarial_step(
         self, generator_loss: Callable[[], Losses], discriminator_loss: Callable[[], Losses],
-        discriminator: nn.Module | Iterable[nn.Module], steps: int = 1,
+        discriminator: nn.Module | Iterable[nn.Module] | None = None, steps: int = 1,
         names: tuple[str, str] = ("generator", "discriminator"),
     ) -> tuple[Losses, Losses]:
         """``steps`` discriminator steps, then one generator step; returns the generator's and the last
-        discriminator's loss dicts. ``discriminator``: the module(s) frozen for the generator's loss."""
+        discriminator's loss dicts. ``discriminator``: the module(s) frozen for the generator's loss
+        (``critic_modules()`` when None)."""
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps={steps}: use an integer >= 1")
         opt_g, opt_d = self.optimizers()
@@ -114,6 +155,8 @@ class AdversarialTraining:
             self.manual_backward(d["loss"])
             self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
 
+        if discriminator is None:
+            discriminator = self.critic_modules()
         modules = [discriminator] if isinstance(discriminator, nn.Module) else list(discriminator)
         with ExitStack() as frozen:
             for module in modules:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from fewstep.constructors import build
 from fewstep.errors import ConfigError
 from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.gan import LOSSES, AdversarialTraining, LazyR1, discriminator_loss, generator_loss
@@ -20,9 +19,7 @@ from fewstep.methods.teacher import TaughtMethod
 from fewstep.networks.discriminators import build_discriminator
 from fewstep.networks.freezing import freeze as freeze_layers
 from fewstep.networks.preconditioning import shifted_edm_denoise
-from fewstep.samplers import CountingDenoiser, check_solver, guided_denoiser
-
-ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
+from fewstep.samplers import check_solver
 
 
 def moment_gap(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -33,37 +30,17 @@ def moment_gap(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
-    """One-step generator G(z) = D_theta(sigma_max z; sigma_max), trained by a GAN against real data.
-
-    - ``denoiser`` is the generator's network with EDM preconditioning whose c_skip/c_out are shifted by
-      ``eps`` (D(x, eps) = x exactly). ``sample_batch`` with ``nfe=1`` (any diffusion sampler name) returns
-      G(z) with z = the seeds' noise: exactly one network call. ``nfe > 1`` runs the named diffusion
-      sampler on ``denoiser`` from sigma_max to eps: a diagnostic only, since the GAN trains the network at
-      sigma_max alone (at initialisation it is the teacher's multi-step sampler).
-    - Training (manual optimisation; fewstep.methods.gan's ``AdversarialTraining`` and ``LazyR1``): per batch
-      one discriminator step (L_D on G(z) detached and the reals, plus lazy R1 on every ``r1_interval``-th step:
-      r1_interval * gamma/2 E|grad_x D(x)|^2, StyleGAN2's lazy scaling, added to that step's L_D) then one
-      generator step (L_G, discriminator parameters frozen for it).
-      Only the generator step advances ``trainer.global_step``: max_steps, val_check_interval and the EMA
-      count batches (the discriminator step goes through the strategy's optimizer_step uncounted).
-    - ``discriminator``: see fewstep.networks.discriminators (default: the frozen teacher's encoder).
-    - ``freeze``: GDD-I, {level: 0-3, ratio: null or [0, 1), resampling: true}; see fewstep.networks.freezing.
-    - Validation logs ``val/loss``: the pixel-moment gap between G(z) (fixed z per validation batch) and the
-      real batch, mean over pixels of (mean difference)^2 + (std difference)^2 -- independent of the
-      discriminator, so comparable across steps and runs (crude; the SamplerBenchmark callback gives the FID)
-      -- and ``val/d_real``, ``val/d_fake``, the current discriminator's mean logits.
-
-    The teacher (any EDM-space denoiser of the same network: a fewstep run, an EDM pickle, a diffusers folder)
-    is attached with ``attach_teacher`` before fitting; it is not kept. The checkpoint holds the generator and the
-    discriminator (its frozen backbone included), so
-    ``fewstep.checkpoints.load_method`` rebuilds the method without the teacher or any weights file.
-    EMAWeightAveraging averages every parameter, the discriminator's too; sampling uses only ``net``.
+    """GDD (Zheng & Yang 2024): the one-step generator G(z) = D_theta(sigma_max z; sigma_max), started from an
+    EDM-space teacher and trained only by a GAN against real data, with lazy R1 on the reals; GDD-I (``freeze``)
+    keeps most of its layers at the teacher's weights. The discriminator: ``fewstep.networks.discriminators``
+    (by default the frozen teacher's encoder with trainable heads). A checkpoint rebuilds it without the teacher.
     """
 
     sample_grid_nfe = 1  # the validation sample grid shows G(z), not the multi-step diagnostic
     teacher_kind = DenoiserMethod
     teacher_hparams = ("sigma_data",)
     keeps_teacher = False  # the generator starts from it; nothing else needs it
+    adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "betas": [0.0, 0.99]}
 
     def __init__(
         self, *args, sigma_max: float = 80.0, eps: float = 2e-3, sigma_data: float = 0.5, loss: str = "nonsaturating",
@@ -73,7 +50,7 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
         super().__init__(*args, **kwargs)
         freeze = {"level": 0, "ratio": None, **(plain(freeze) or {})}
         discriminator = plain(discriminator) or {"kind": "teacher_encoder"}
-        optimizer_g, optimizer_d = plain(optimizer_g) or dict(ADAM), plain(optimizer_d) or dict(ADAM)
+        optimizer_g, optimizer_d = plain(optimizer_g), plain(optimizer_d)
         self.save_hyperparameters(
             "sigma_max", "eps", "sigma_data", "loss", "r1_gamma", "r1_interval", "freeze", "discriminator",
             "optimizer_g", "optimizer_d", "teacher_ckpt",
@@ -84,31 +61,24 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
             raise ConfigError(f"need 0 < eps < sigma_max, got eps={eps}, sigma_max={sigma_max}")
         if not r1_gamma >= 0 or int(r1_interval) != r1_interval or r1_interval < 1:
             raise ConfigError(f"r1_gamma={r1_gamma}, r1_interval={r1_interval}: use r1_gamma >= 0 and an integer r1_interval >= 1")
-        if self.hparams.scheduler:
-            raise ConfigError("gdd steps its two optimisers itself and takes no scheduler: set method.scheduler=null")
         unknown = sorted(set(freeze) - {"level", "ratio", "resampling"})
         if unknown:
             raise ConfigError(f"method.freeze takes level, ratio and resampling, not '{unknown[0]}'")
         self.frozen_fraction = freeze_layers(self.net, **freeze)
+        if not self.generator_parameters():
+            raise ConfigError("gdd: every generator parameter is frozen: lower method.freeze.level / method.freeze.ratio")
         self.discriminator = build_discriminator(
             discriminator, net=self.hparams.net, data_shape=self.hparams.data_shape, num_classes=self.num_classes,
             sigma_data=sigma_data,
         )
-        self.automatic_optimization = False
-        self.has_teacher = False
 
     # -- the teacher -----------------------------------------------------------------------------------
     def teacher_attached(self, teacher) -> None:
         """The generator starts from the teacher (TaughtMethod copies its weights); the discriminator's backbone too."""
         self.discriminator.initialize(teacher.net)
-        self.has_teacher = True
 
     def on_fit_start(self) -> None:
-        if not self.has_teacher and self.trainer.ckpt_path is None:
-            raise ConfigError(
-                "gdd has no teacher: call attach_teacher(teacher) before fitting (python -m fewstep.train method=gdd "
-                "teacher.ckpt=PATH to an edm_teacher checkpoint), or resume with ckpt_path=PATH"
-            )
+        super().on_fit_start()  # the teacher, unless resuming (TaughtMethod)
         rank_zero_info(
             f"gdd: GDD-I freeze {self.hparams.freeze}: {self.frozen_fraction:.1%} of the generator's parameters frozen"
         )
@@ -123,21 +93,18 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
         sigma_max = float(self.hparams.sigma_max)
         return self.denoiser(sigma_max * z, sigma_max, class_labels)
 
-    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
-        """nfe=1 (any diffusion sampler name): G(z) for the seeds' z, 1 NFE. nfe>1: that sampler on ``denoiser``."""
+    def sampler_defaults(self) -> dict:
+        return {**super().sampler_defaults(), "sigma_max": float(self.hparams.sigma_max), "sigma_min": float(self.hparams.eps)}
+
+    def draw(self, model, noise, sampler, nfe, grid, options) -> torch.Tensor:
+        """nfe=1 (any diffusion sampler name): G(z) for the seeds' z, one network call. nfe>1: that sampler on the
+        denoiser from sigma_max to eps, a diagnostic only (the GAN trains the network at sigma_max alone)."""
         check_solver(sampler, nfe, kac=False)
         if nfe > 1:
-            options.setdefault("sigma_max", float(self.hparams.sigma_max))
-            options.setdefault("sigma_min", float(self.hparams.eps))
-            return super().sample_batch(noise, sampler, nfe, class_labels, guidance, grid, **options)
-        denoiser = self.denoiser
-        if class_labels is not None:
-            denoiser = guided_denoiser(denoiser, guidance, class_labels, self.null_label)
-        counted = CountingDenoiser(denoiser)
+            return super().draw(model, noise, sampler, nfe, grid, options)
         z = noise.randn(tuple(self.hparams.data_shape))
         sigma_max = float(self.hparams.sigma_max)
-        x = counted(sigma_max * z, torch.full((z.shape[0],), sigma_max, device=z.device))
-        return x, counted.nfe
+        return model(sigma_max * z, torch.full((z.shape[0],), sigma_max, device=z.device))
 
     # -- training ----------------------------------------------------------------------------------------
     @property
@@ -162,14 +129,6 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
         out["d_real"], out["d_fake"] = logits_real.detach().mean(), logits_fake.detach().mean()
         return out
 
-    def check_finite(self, value: torch.Tensor, what: str = "training", hint: str | None = None) -> None:
-        hp = self.hparams
-        hint = hint or (
-            f"lower method.optimizer_g.lr / method.optimizer_d.lr (now {hp.optimizer_g.get('lr')} / "
-            f"{hp.optimizer_d.get('lr')}) or raise method.r1_gamma (now {hp.r1_gamma})"
-        )
-        super().check_finite(value, what, hint)
-
     def training_step(self, batch, batch_idx):
         x_real, y = batch
         rng = self.step_rng(x_real.shape[0], x_real.device, batch_idx)
@@ -185,7 +144,8 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
             fake = self.one_step(rng.randn_like(x_real), labels)
             return {"loss": generator_loss(self.discriminator(fake, labels), self.hparams.loss)}
 
-        g, d = self.adversarial_step(generator_step, discriminator_step, self.discriminator)
+        # one discriminator step (lazy R1 added every r1_interval-th step), then one generator step: one global step
+        g, d = self.adversarial_step(generator_step, discriminator_step)
         self.log("train/loss_g", g["loss"].detach(), prog_bar=True)
         self.log("train/loss_d", d["loss_d"], prog_bar=True)
         self.log("train/d_real", d["d_real"])
@@ -195,6 +155,8 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
         self.log("train/frozen_fraction", float(self.frozen_fraction))
 
     def validation_step(self, batch, batch_idx):
+        # val/loss: the pixel-moment gap of G(z) (fixed z) to the reals, which does not depend on the discriminator and
+        # so compares across steps and runs (crude: the SamplerBenchmark callback gives the FID)
         x_real, y = batch
         z = BatchNoise.fixed(batch_idx, x_real.shape[0], x_real.device).randn_like(x_real)
         labels = y if self.num_classes else None
@@ -205,15 +167,8 @@ class GDD(AdversarialTraining, TaughtMethod, DenoiserMethod):
         self.log("val/d_fake", self.discriminator(fake, labels).mean(), sync_dist=True)
         return gap
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        g_params = [p for p in self.net.parameters() if p.requires_grad]
-        d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
-        if not g_params:
-            raise ConfigError("gdd: every generator parameter is frozen: lower method.freeze.level / method.freeze.ratio")
-        opt_g = build(hp.optimizer_g)(g_params)
-        opt_d = build(hp.optimizer_d)(d_params)
-        return [opt_g, opt_d]
+    def critic_modules(self) -> list:
+        return [self.discriminator]  # EMAWeightAveraging averages it too; sampling uses only net
 
     def loss(self, x0, class_labels, rng):
         raise NotImplementedError("gdd trains by a GAN in training_step; it has no single regression loss")

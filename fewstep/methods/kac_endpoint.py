@@ -11,26 +11,17 @@ from fewstep.samplers.kac import KAC_SOLVERS, denoise_tail
 
 
 class KacEndpoint(Staged, TaughtMethod, KacTeacher):
-    """The student takes one Euler step of size D = T / M where a frozen teacher takes N = teacher_steps / M.
+    """DistillKac's endpoint distillation (Han et al. 2025): one student Euler step of size D = T / M matches the
+    endpoint of the frozen Kac teacher's N = teacher_steps / M sub-steps, loss |x_S - x_T|^2 on the endpoint only.
 
-    From x_{t_k} (a draw of the forward path at a grid time t_k = T - k D), the teacher integrates N
-    sub-steps down to t_k - D, giving x_T; the student steps x_S = x_{t_k} - D u_phi(x_{t_k}, t_k); the
-    loss is |x_S - x_T|^2 on the endpoint only (the paper's stability theorem carries endpoint closeness
-    to the whole path). The student is a Kac model like its teacher and samples with kac_euler at M steps,
-    without final denoising jumps (``denoise`` defaults to none): it learns the teacher's denoised endpoint.
-
-    ``rollout_share`` of the samples drawn on the last interval start from the student's own state there instead
-    (its Euler steps from the prior, no gradient; DDIL's student rollouts, Garrepalli et al. 2024): where it must
-    learn the teacher's final jumps on the states it meets when sampling. From forward-path states alone, 17% of a
-    20-step student's samples stayed noisy, though the teacher's last interval and jumps from the student's own
-    states at t = D cleaned every one (docs/reproduction.md).
-
-    The teacher is attached with ``attach_teacher`` before fitting; it is not a submodule, so neither the
-    checkpoint nor the EMA average carries it (``teacher_ckpt`` records where it came from).
+    The student is a Kac model like its teacher and samples with kac_euler at M steps, without final denoising jumps.
+    ``rollout_share`` of the samples on the last interval start from the student's own state there instead (DDIL's
+    student rollouts, Garrepalli et al. 2024).
     """
 
     teacher_kind = KacTeacher
     teacher_hparams = KAC_HPARAMS
+    pipeline_keys = ("stages", "steps_per_stage", "ema_decay")
 
     def __init__(
         self, *args, student_steps: int = 1, teacher_steps: int = 100, teacher_sampler: str = "kac_euler",
@@ -48,9 +39,6 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
                 f"teacher sampler '{teacher_sampler}' cannot integrate a Kac flow: use one of {', '.join(sorted(KAC_SOLVERS))}"
             )
 
-    def on_fit_start(self) -> None:
-        self.require_teacher()
-
     # -- stages (fewstep.methods.teacher.Staged) ---------------------------------------------------------------
     @classmethod
     def stage_steps(cls, options: dict) -> list[int]:
@@ -63,17 +51,13 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
         return int(options.get("steps_per_stage", 400))
 
     @classmethod
-    def stage_options(cls, options, teacher, teacher_path, teacher_steps, steps, first_sampler) -> dict:
-        """The teacher's Kac process, this stage's steps, the method's shared options. The first teacher is a
-        Kac-flow model integrated with any solver (``first_sampler``); later ones (None) are students, made for Euler."""
+    def stage_settings(cls, teacher, teacher_steps, steps, first_sampler) -> dict:
+        """The teacher's Kac process and this stage's steps. The first teacher is a Kac-flow model integrated with any
+        solver (``first_sampler``); later ones (None) are students, made for Euler."""
         return {
             **{key: teacher.hparams[key] for key in KAC_HPARAMS},
             "t_min": float(teacher.hparams.get("t_min", 1e-3)),
-            **{key: options.get(key) for key in ("conditional", "label_dropout", "optimizer", "scheduler")},
-            "student_steps": steps, "teacher_steps": teacher_steps,
-            "teacher_sampler": first_sampler or "kac_euler",
-            "teacher_ckpt": str(teacher_path),
-            **{key: options[key] for key in ("denoise", "teacher_denoise", "rollout_share") if options.get(key) is not None},
+            "student_steps": steps, "teacher_steps": teacher_steps, "teacher_sampler": first_sampler or "kac_euler",
         }
 
     def teacher_endpoint(self, x: torch.Tensor, t: torch.Tensor, class_labels) -> torch.Tensor:
@@ -106,8 +90,7 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
         return x_end
 
     def loss(self, x0, class_labels, rng):
-        if self.teacher is None:
-            raise ConfigError("kac_endpoint has no teacher: call attach_teacher(teacher) before training")
+        self.require_teacher()
         steps, T = self.hparams.student_steps, self.hparams.T
         D = T / steps
 
@@ -117,12 +100,13 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
             return t, self.path.displacement(t, (total, *x0.shape[1:]), generator, x0.dtype, x0.device)
 
         t, k = rng.draw(starts_and_displacements)
-        x_t = self.path.at(x0, t, k)
+        x_t = self.path.at(x0, t, k)  # a draw of the forward path at the grid time t
         if self.hparams.get("rollout_share", 0.0) > 0:
             x_t = self.with_rollouts(x_t, t, class_labels, rng)
         with torch.no_grad():
             x_teacher = self.teacher_endpoint(x_t, t, class_labels)
-        x_student = x_t - D * self.velocity(x_t, t, class_labels)
+        x_student = x_t - D * self.velocity(x_t, t, class_labels)  # one Euler step over the teacher's interval
+        # the endpoint only: the paper's stability theorem carries endpoint closeness to the whole path
         return ((x_student - x_teacher) ** 2).mean()
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 from fewstep.errors import ConfigError
 from fewstep.methods.base import GenerativeMethod
 from fewstep.processes.kac import KacPath, KacProcess
-from fewstep.samplers import CountingDenoiser, guided_velocity, sample_kac
+from fewstep.samplers import sample_kac
 from fewstep.samplers.kac import check_denoise
 from fewstep.samplers.noise import kac_prior
 
@@ -17,7 +17,8 @@ DENOISE = (0.2, 0.1, 0.05)
 
 
 class KacTeacher(GenerativeMethod):
-    """loss = |u(x_t, t) - u*|^2, x_t = f(t) x0 + K_{g(t)}, u* = f'(t) x0 + g'(t) v_K(K_{g(t)}, g(t)), t ~ U(t_min T, T).
+    """Kac flows (Duong et al. 2025): loss = |u(x_t, t) - u*|^2, x_t = f(t) x0 + K_{g(t)}, K a Kac process,
+    u* = f'(t) x0 + g'(t) v_K(K_{g(t)}, g(t)), t ~ U(t_min T, T).
 
     Sampling integrates dx/dt = u(x, t) from the Kac prior at t = T to t = 0 (kac_euler, kac_heun, kac_ab2);
     class-conditional models take velocity-space guidance u_w = (1 + w) u(x, t | y) - w u(x, t | empty).
@@ -28,6 +29,7 @@ class KacTeacher(GenerativeMethod):
 
     kind_name = "a Kac model"  # what DistillKac's teacher must be (fewstep.methods.teacher)
     teacher_source = "a method=kac_teacher run"
+    sampled = "velocity"
 
     def __init__(
         self, *args, a: float = 9.0, c: float = 3.0, T: float = 1.0, f: str = "linear", g: str = "linear",
@@ -69,7 +71,8 @@ class KacTeacher(GenerativeMethod):
         shape = tuple(self.hparams.data_shape)
         return kac_prior(noise, self.path.process, self.path.prior_time(), shape).to(self.device)
 
-    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+    def draw(self, model, noise, sampler, nfe, grid, options) -> torch.Tensor:
+        """A Kac sampler on the velocity ``model`` from the Kac prior, then the final denoising jumps."""
         if grid not in (None, "uniform"):
             raise ConfigError(f"grid '{grid}' is a diffusion noise grid: a Kac model steps uniformly in t, use grid=null")
         denoise = self.denoise_times
@@ -77,9 +80,4 @@ class KacTeacher(GenerativeMethod):
             denoise = check_denoise([d * self.hparams.T for d in (options.pop("denoise") or ())], self.hparams.T)
         if options:
             raise ConfigError(f"Kac samplers take no options but denoise, got {', '.join(options)}: remove them")
-        velocity = self.velocity
-        if class_labels is not None:
-            velocity = guided_velocity(velocity, guidance, class_labels, self.null_label)
-        counted = CountingDenoiser(velocity)
-        x = sample_kac(counted, self.prior(noise), sampler, nfe, self.hparams.T, denoise=denoise)
-        return x, counted.nfe
+        return sample_kac(model, self.prior(noise), sampler, nfe, self.hparams.T, denoise=denoise)

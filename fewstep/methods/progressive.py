@@ -9,7 +9,6 @@ from fewstep.methods.student import DistilledStudent, ddim_step
 from fewstep.methods.teacher import Staged
 from fewstep.networks.lpips_loss import check_options
 
-ROUND_KEYS = ("start_steps", "end_steps", "steps_per_round", "ema_decay")  # the pipeline's, not a round's
 LOSSES = ("l2", "lpips")
 
 
@@ -27,7 +26,8 @@ def progressive_target(teacher_x0, x_t, sigma_t, sigma_mid, sigma_s) -> torch.Te
 
 
 class Progressive(Staged, DistilledStudent):
-    """One round: an N-step DDIM student of a 2N-step DDIM teacher, both on nested Karras grids.
+    """Progressive distillation (Salimans & Ho 2022), one round: an N-step DDIM student of a 2N-step DDIM teacher,
+    both on nested Karras grids.
 
     A state x_t at the student's level t = sigma_k gets the target of ``progressive_target`` from the teacher's
     two steps t -> sigma_mid -> s (s = sigma_{k+1}, mid the teacher's level between them); the loss is the
@@ -38,6 +38,7 @@ class Progressive(Staged, DistilledStudent):
     """
 
     student_sampler = "euler"
+    pipeline_keys = ("start_steps", "end_steps", "steps_per_round", "ema_decay")
 
     def __init__(
         self, *args, student_steps: int = 1, loss: str = "l2", lpips_net: str = "vgg", lpips_backbone: str | None = None,
@@ -65,10 +66,9 @@ class Progressive(Staged, DistilledStudent):
         return int(options.get("steps_per_round", 300))
 
     @classmethod
-    def stage_options(cls, options, teacher, teacher_path, teacher_steps, steps, first_sampler) -> dict:
-        """This round's: the method's options, ``steps`` student steps (its teacher takes twice as many)."""
-        keep = {k: v for k, v in options.items() if k not in (*ROUND_KEYS, "_target_", "_recursive_")}
-        return {**keep, "student_steps": steps, "teacher_ckpt": str(teacher_path)}
+    def stage_settings(cls, teacher, teacher_steps, steps, first_sampler) -> dict:
+        """This round's student takes ``steps`` steps (its teacher twice as many)."""
+        return {"student_steps": steps}
 
     def state_loss(self, x, k, class_labels, rng):
         student, teacher = self.student_sigmas, self.grid(self.teacher_steps)
@@ -86,8 +86,6 @@ class Progressive(Staged, DistilledStudent):
 
 def halving_stages(start_steps: int, end_steps: int) -> list[int]:
     """[start, start/2, ..., end]: the teacher's steps, then each round's student's."""
-    from fewstep.errors import ConfigError
-
     stages = [int(start_steps)]
     while stages[-1] > end_steps and stages[-1] % 2 == 0:
         stages.append(stages[-1] // 2)

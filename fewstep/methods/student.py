@@ -28,7 +28,7 @@ from fewstep.samplers import SOLVERS, SeededNoise, guided_denoiser
 from fewstep.samplers.grids import nested_sigmas
 
 DATA_RANGE = (-1.0, 1.0)
-DDIL_KEYS = {"base", "b_fwd", "b_teacher", "b_student", "buffer", "reflect"}
+DDIL_KEYS = {"b_fwd", "b_teacher", "b_student", "buffer", "reflect"}
 
 
 def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
         return bool((self.hparams.ddil or {}).get("reflect", False))
 
     def on_fit_start(self) -> None:
-        self.require_teacher()
+        super().on_fit_start()  # the teacher (TaughtMethod)
         self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
         if self.hparams.ddil is not None and not isinstance(getattr(self.trainer, "datamodule", None), RolloutStates):
             raise ConfigError("a DDIL student needs its rollout buffers: fit it with datamodule=fewstep.data.rollout.RolloutStates(data)")
@@ -129,12 +129,10 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
     def teacher_steps(self) -> int:
         raise NotImplementedError
 
-    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
-        """Any diffusion sampler on ``denoiser``; by default on the nested grid the student was trained on."""
-        options.setdefault("sigma_max", float(self.hparams.sigma_max))
-        options.setdefault("sigma_min", float(self.hparams.sigma_min))
-        options.setdefault("rho", float(self.hparams.rho))
-        return super().sample_batch(noise, sampler, nfe, class_labels, guidance, grid or "nested", **options)
+    def sampler_defaults(self) -> dict:
+        """The nested grid the student was trained on, over its own noise range."""
+        hp = self.hparams
+        return {"grid": "nested", "sigma_max": float(hp.sigma_max), "sigma_min": float(hp.sigma_min), "rho": float(hp.rho)}
 
     # -- training states --------------------------------------------------------------------------------------
     def default_states(self, x0, class_labels, rng: BatchNoise):
@@ -227,8 +225,7 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
         raise NotImplementedError
 
     def loss(self, x0, class_labels, rng):
-        if self.teacher is None:
-            raise ConfigError(f"{type(self).__name__.lower()} has no teacher: call attach_teacher(teacher) first")
+        self.require_teacher()
         if self.training:
             x, k, class_labels = self.training_states(x0, class_labels, rng)
         else:  # validation: forward-diffused states (fixed noise), comparable across steps

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fewstep.constructors import HYDRA_KEYS
 from fewstep.errors import CheckpointError, ConfigError
 
 ARCHITECTURE = ("net",)  # with the data shape and the class count in use, what teacher and student weights share
@@ -22,7 +23,8 @@ class TaughtMethod:
 
     Class attributes: ``teacher_kind`` (the class a teacher must be an instance of), ``teacher_hparams`` (the
     hyperparameters that must match, beyond the architecture), ``keeps_teacher`` (False: the student only
-    starts from it, as GDD does), ``student_only`` (prefixes of the student's tensors the teacher lacks).
+    starts from it, as GDD does, so a resumed run needs none), ``student_only`` (prefixes of the student's
+    tensors the teacher lacks).
     """
 
     teacher_kind: type
@@ -30,6 +32,7 @@ class TaughtMethod:
     keeps_teacher = True
     student_only: tuple[str, ...] = ()
     teacher = None
+    has_teacher = False  # whether attach_teacher was called, kept teacher or not
 
     def attach_teacher(self, teacher, path=None, init_student: bool = True) -> None:
         """Freeze ``teacher`` (read from ``path``, recorded as ``teacher_ckpt``); start the student from its weights."""
@@ -41,21 +44,30 @@ class TaughtMethod:
             object.__setattr__(self, "teacher", teacher)  # not registered: out of state_dict and the EMA
         if init_student:
             start_from(self.net, teacher.net, self.student_only)
+        self.has_teacher = True
         self.teacher_attached(teacher)
 
     def teacher_attached(self, teacher) -> None:
         """Hook for what a method builds from the teacher (target network, critic, discriminator backbone)."""
 
     def require_teacher(self) -> None:
-        """At fit start: the teacher must be attached (and moved to this device) when the method keeps one."""
-        if self.keeps_teacher and self.teacher is None:
-            name = type(self).__name__.lower()
-            raise ConfigError(
-                f"{name} has no teacher: call attach_teacher(teacher) before fitting (python -m fewstep.train "
-                f"method=... teacher.ckpt=PATH finds or trains one)"
-            )
+        """One line unless the teacher is attached; a method that only starts from it (``keeps_teacher`` False) needs
+        none when its run resumes from a checkpoint."""
+        resuming = not self.keeps_teacher and self._trainer is not None and self.trainer.ckpt_path is not None
+        if self.has_teacher or resuming:
+            return
+        name = type(self).__name__.lower()
+        resume = "" if self.keeps_teacher else ", or resume with ckpt_path=PATH"
+        raise ConfigError(
+            f"{name} has no teacher: call attach_teacher(teacher) before fitting (python -m fewstep.train method=... "
+            f"teacher.ckpt=PATH finds or trains one){resume}"
+        )
+
+    def on_fit_start(self) -> None:
+        self.require_teacher()
         if self.teacher is not None:
             self.teacher.to(self.device)
+        super().on_fit_start()
 
 
 class Staged:
@@ -63,9 +75,11 @@ class Staged:
     stages): it says which step counts the stages have and how stage i's student is built from its teacher, so
     that ``fewstep/distill.py`` runs any such method the same way.
 
-    ``options`` are the method's config as a plain dict (its ``_target_`` included); pipeline keys (the stages,
-    their length, ``ema_decay``) are the method's to read and to leave out of each stage's constructor arguments.
+    ``options`` are the method's config as a plain dict (its ``_target_`` included); its ``pipeline_keys`` (the
+    stages, their length, ``ema_decay``) are the pipeline's to read, and every other option goes to each stage.
     """
+
+    pipeline_keys: tuple[str, ...] = ("ema_decay",)
 
     @classmethod
     def stage_steps(cls, options: dict) -> list[int]:
@@ -80,8 +94,16 @@ class Staged:
     @classmethod
     def stage_options(cls, options: dict, teacher, teacher_path, teacher_steps: int, steps: int, first_sampler) -> dict:
         """The constructor arguments of the stage whose student takes ``steps`` where ``teacher`` (read from
-        ``teacher_path``) takes ``teacher_steps``; ``first_sampler``: the first stage's teacher's solver
-        (``teacher.sampler``), None in later stages."""
+        ``teacher_path``) takes ``teacher_steps``: the method's options but the pipeline's, under this stage's own
+        (``stage_settings``)."""
+        kept = {key: value for key, value in options.items() if key not in (*cls.pipeline_keys, *HYDRA_KEYS)}
+        stage = cls.stage_settings(teacher, teacher_steps, steps, first_sampler)
+        return {**kept, **stage, "teacher_ckpt": str(teacher_path)}
+
+    @classmethod
+    def stage_settings(cls, teacher, teacher_steps: int, steps: int, first_sampler) -> dict:
+        """What the stage sets itself, from its teacher and step counts; ``first_sampler``: the first stage's teacher's
+        solver (``teacher.sampler``), None in later stages."""
         raise NotImplementedError
 
 
