@@ -1,11 +1,7 @@
-"""Shared fixtures: composing the Hydra config tree the way the entry points do."""
+"""Shared fixtures (the Hydra config tree composed as the entry points do it, a tiny trained teacher) and hooks.
+Shared builders and settings are in helpers.py."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +10,13 @@ from hydra.core.global_hydra import GlobalHydra
 
 from fewstep.cli import CONF_DIR
 
-# One intra-op thread: the test networks are tiny, and with 2 threads on 2 shared cores a busy machine
-# makes them up to ~100x slower (OpenMP threads spinning against each other).
-torch.set_num_threads(1)
+from helpers import run_module
 
-REPO = Path(__file__).resolve().parents[1]
 
-# Small settings that every training test adds, so one test takes seconds.
-TINY = ["model=unet_tiny", "trainer=debug", "data.batch_size=8", "data.limit=64", "data.val_size=16"]
+def pytest_configure(config):
+    # One intra-op thread: the test networks are tiny, and with 2 threads on 2 shared cores a busy machine
+    # makes them up to ~100x slower (OpenMP threads spinning against each other).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -37,14 +32,6 @@ def compose_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` as a user would, from ``cwd``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """(run root, last.ckpt) of a 2-step unet_tiny EDM teacher on digits, trained once per test session as a user
@@ -57,3 +44,10 @@ def tiny_checkpoint(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-2000:]
     (last,) = root.glob("outputs/edm_teacher/digits/*/checkpoints/last.ckpt")
     return root, last
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After a run that left the slow tests out, say how to run them."""
+    slow = [item for item in terminalreporter.stats.get("deselected", []) if item.get_closest_marker("slow")]
+    if slow:
+        terminalreporter.write_line(f"{len(slow)} slow tests deselected: python -m pytest -q -m slow runs them (CI runs both sets)")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from test_gdd import CONV, gdd
 from test_gdd import teacher as gdd_teacher
-from test_kac_methods import kac_model
-from test_students import SHAPE, UNET, randomize, student
 
 from fewstep.methods import DMD2, BatchNoise, Consistency, EDMTeacher, FlowTeacher, KacEndpoint, Progressive
 from fewstep.methods.gdd import generator_loss
+
+from helpers import SHAPE, UNET, kac_model, randomize, student, teacher
 
 N = 4  # per rank; two ranks
 
@@ -61,8 +61,6 @@ def kac_endpoint():
 
 
 def guided_consistency():
-    from test_students import teacher
-
     teacher_ = teacher(num_classes=3, conditional=True)
     return student(Consistency, teacher_, num_classes=3, conditional=True, teacher_steps=8, sample_steps=2,
                    guidance_range=[1.0, 3.0])

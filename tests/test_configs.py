@@ -1,11 +1,11 @@
 """Every file of the config tree composes and instantiates."""
 
-from pathlib import Path
-
 import pytest
 from hydra.utils import instantiate
 
 from fewstep.cli import CONF_DIR, group_choices
+
+from helpers import REPO
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
@@ -116,14 +116,13 @@ def test_sampler_configs_name_a_solver(compose_cfg, sampler):
     assert cfg.sampler.name in SOLVERS or cfg.sampler.name in KAC_SOLVERS
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_whole_config_tree(tmp_path):
     # conf/ sits at the repository root; a non-editable install must still find it inside the package
     import shutil
     import subprocess
     import sys
     import zipfile
-
-    from conftest import REPO
 
     source = tmp_path / "source"  # a copy, so that no stale build/ of the working tree takes part
     shutil.copytree(REPO, source, symlinks=True,
@@ -144,11 +143,10 @@ def test_code_comments_and_configs_name_no_issue_numbers():
     import re
 
     pattern = re.compile(r"\bissue \d+", re.IGNORECASE)
-    root = Path(__file__).resolve().parents[1]
     found = [
-        f"{path.relative_to(root)}:{number}"
+        f"{path.relative_to(REPO)}:{number}"
         for folder in ("fewstep", "conf", "tests")
-        for path in sorted((root / folder).rglob("*"))
+        for path in sorted((REPO / folder).rglob("*"))
         if path.suffix in (".py", ".yaml") and path.is_file() and not path.is_symlink()
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1)
         if pattern.search(line)

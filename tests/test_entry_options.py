@@ -20,7 +20,7 @@ from fewstep.generate import NonFiniteSamples, generate
 from fewstep.options import check_evaluate_options, check_reference_options, check_sample_options, check_sampler
 from fewstep.progress import Progress, ProgressLine, TextTask
 
-from conftest import REPO, run_module
+from helpers import REPO, run_module
 
 PROGRESS = re.compile(r"^sampling (\d+)/2000 \(\d+%\) \| [\d.e+]+ samples/s \| ETA \d+:\d\d:\d\d \| elapsed \d+:\d\d:\d\d$")
 
@@ -232,6 +232,7 @@ def nan_model(tiny_checkpoint, monkeypatch):
     return load_nan
 
 
+@pytest.mark.slow
 def test_sample_with_nan_outputs_stops_in_one_line_and_writes_nothing(tiny_checkpoint, nan_model, compose_cfg,
                                                                       tmp_path, monkeypatch):
     import fewstep.sample
@@ -246,6 +247,7 @@ def test_sample_with_nan_outputs_stops_in_one_line_and_writes_nothing(tiny_check
     assert not list(tmp_path.glob("samples.*"))
 
 
+@pytest.mark.slow
 def test_evaluate_with_nan_outputs_scores_nothing(tiny_checkpoint, nan_model, compose_cfg, tmp_path, monkeypatch):
     import fewstep.evaluate
 
@@ -258,6 +260,7 @@ def test_evaluate_with_nan_outputs_scores_nothing(tiny_checkpoint, nan_model, co
     assert not (tmp_path / "result.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_non_finite_score(tiny_checkpoint, compose_cfg, tmp_path, monkeypatch):
     import fewstep.evaluate
 
@@ -390,6 +393,7 @@ def test_progress_modes_and_tracking():
     assert quiet.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_evaluate_shows_each_phase(tiny_checkpoint, compose_cfg, capsys):
     from fewstep.evaluate import evaluate
 

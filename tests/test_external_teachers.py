@@ -18,7 +18,7 @@ from fewstep.generate import generate
 from fewstep.methods import EDMTeacher
 from fewstep.train import train
 
-from conftest import TINY, run_module
+from helpers import TINY, run_module
 
 pytest.importorskip("diffusers")
 
@@ -74,6 +74,7 @@ def test_an_outside_teacher_loads_as_an_edm_teacher_whose_denoiser_is_the_networ
     assert nfe == 5 and samples.shape == (3, 3, 8, 8) and torch.isfinite(samples).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["edm_pickle", "diffusers"])
 def test_fewstep_sample_takes_an_outside_teacher_as_it_takes_a_checkpoint(teachers, kind, tmp_path):
     result = run_module("fewstep.sample", f"ckpt={teachers[kind]}", "sampler=seeds3", "nfe=7", "n=4",
@@ -143,6 +144,7 @@ def test_an_unconditional_student_of_a_conditional_teacher_is_refused_in_one_lin
         train(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["edm_pickle", "diffusers"])
 def test_fewstep_evaluate_scores_an_outside_teacher_against_reference_statistics_in_edms_format(teachers, kind, tmp_path):
     from fewstep.metrics.inception_weights import find_weights

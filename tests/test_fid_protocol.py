@@ -16,7 +16,7 @@ from fewstep.data import EDMZip
 from fewstep.errors import ConfigError, DatasetNotFound, FewstepError
 from fewstep.metrics.inception_weights import find_weights
 
-from conftest import run_module
+from helpers import run_module
 
 
 def weights_available() -> bool:
@@ -168,6 +168,7 @@ def fake_images(count: int = 12) -> torch.Tensor:
     return torch.nn.functional.interpolate(low, size=16, mode="bilinear").round().to(torch.uint8)
 
 
+@pytest.mark.slow
 @needs_weights
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric FrechetInceptionDistance was called before")
 def test_fid_against_the_tools_npz_equals_fid_from_the_images(reference_npz):
@@ -212,6 +213,7 @@ def test_fid_against_the_tools_npz_equals_fid_from_the_images(reference_npz):
     torch.testing.assert_close(read_npz_reference(path)["mean"], direct.real_features_sum / 24, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_weights
 def test_foreign_npz_with_only_mu_and_sigma_does_not_depend_on_n(reference_npz, tmp_path):
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -258,6 +260,7 @@ def test_reference_file_errors_are_one_line(tmp_path):
         assert expected in str(error.value) and "\n" not in str(error.value), str(error.value)
 
 
+@pytest.mark.slow
 def test_fid_reference_refuses_missing_data_in_one_line(tmp_path):
     result = run_module("fewstep.fid_reference", "data=edm_zip", "data.path=nowhere.zip", cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -278,6 +281,7 @@ def lone_checkpoint(tiny_checkpoint, tmp_path_factory):
     return root, lone
 
 
+@pytest.mark.slow
 @needs_weights
 def test_evaluate_against_npz_with_repeats_needs_no_training_config(lone_checkpoint, reference_npz, tmp_path, compose_cfg):
     from fewstep.evaluate import evaluate
@@ -304,6 +308,7 @@ def test_evaluate_against_npz_with_repeats_needs_no_training_config(lone_checkpo
     assert single["value"] == pytest.approx(row["values"][1], rel=1e-6) and "values" not in single
 
 
+@pytest.mark.slow
 def test_evaluate_protocol_paper_without_ref_is_one_line(lone_checkpoint):
     root, ckpt = lone_checkpoint
     result = run_module("fewstep.evaluate", f"ckpt={ckpt}", "protocol=paper", cwd=root)

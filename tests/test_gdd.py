@@ -31,19 +31,11 @@ from fewstep.networks.freezing import freeze, frozen_names
 from fewstep.networks.preconditioning import shifted_edm_coefficients
 from fewstep.samplers import SeededNoise
 
+from helpers import SHAPE, randomize
+
 UNET = {"_target_": "fewstep.networks.UNet", "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [1]}
 MLP = {"_target_": "fewstep.networks.MLP", "width": 16, "depth": 2}
-SHAPE = [1, 8, 8]
 CONV = {"kind": "conv", "channels": [8, 16]}
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Perturb every parameter, so that zero-initialised layers (conv_out, conv2, proj) are not zero."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    return module
 
 
 def tiny_unet() -> UNet:

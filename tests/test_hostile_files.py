@@ -127,6 +127,7 @@ def _record_that_contains_itself() -> bytes:
 
 # ---------------------------------------------------------------- 1. EDM network pickles
 
+@pytest.mark.slow
 def test_records_shared_over_60_levels_are_refused_in_under_a_second(tmp_path, edm_names, fake_classes):
     for leaf in (edm_helpers.Layer(2), edm_helpers.Persistent()):  # with tensors, and module records alone
         module = leaf
@@ -206,6 +207,7 @@ def _storage_declaring(numel: int) -> bytes:
     return data.replace(b"K\x04Nt", pickle.BININT + struct.pack("<i", numel) + b"Nt")
 
 
+@pytest.mark.slow
 @needs_proc
 def test_embedded_storages_and_tensors_are_refused_before_torch_allocates_what_they_declare(tmp_path, edm_names):
     call, hooks = edm_helpers.Call, collections.OrderedDict()
@@ -220,6 +222,7 @@ def test_embedded_storages_and_tensors_are_refused_before_torch_allocates_what_t
     one_line(CheckpointError, read_edm_pickle, path, match="a tensor of 1099511627776 elements")
 
 
+@pytest.mark.slow
 @needs_proc
 def test_a_torch_file_with_a_compressed_or_legacy_member_is_refused_before_torch_reads_it(tmp_path):
     torch.save({"class_name": "TinyNet", "init_kwargs": {}, "state_dict": {"u": torch.zeros(5)}}, tmp_path / "ok.pt")
@@ -235,6 +238,7 @@ def test_a_torch_file_with_a_compressed_or_legacy_member_is_refused_before_torch
     one_line(CheckpointError, load_edm_network, tmp_path / "legacy.pt", match="not a zip-format torch file")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_a_compressed_member_is_refused_before_torch_reads_it(tmp_path):
     from fewstep.checkpoints import read_checkpoint
 
@@ -313,6 +317,7 @@ def edm_classes(path):
     return EDMZip(path=str(path)).num_classes
 
 
+@pytest.mark.slow
 @needs_proc
 def test_an_image_declaring_more_pixels_than_the_resolution_needs_is_refused_before_decoding(tmp_path):
     bomb = zero_png(13_000, 13_000, channels=4)  # 676 MB of RGBA when decoded, 1.2 GB with the RGB copy
@@ -323,6 +328,7 @@ def test_an_image_declaring_more_pixels_than_the_resolution_needs_is_refused_bef
         assert "00000/img00000000.png" in message and str(path) in message
 
 
+@pytest.mark.slow
 @needs_proc
 def test_a_zip_member_declaring_gigabytes_is_refused_before_it_is_inflated(tmp_path):
     path = write_zip(tmp_path / "bomb.zip", {"00000/img00000000.png": 2**31})  # 2 GiB of zeros in 2 MB
@@ -388,6 +394,7 @@ def npz_with(path: Path, **arrays) -> Path:
     return path
 
 
+@pytest.mark.slow
 @needs_proc
 def test_an_npz_declaring_a_huge_sigma_is_refused_before_numpy_allocates_it(tmp_path):
     header = io.BytesIO()
@@ -485,6 +492,7 @@ def test_diffusers_configs_out_of_range_are_refused_in_one_line_naming_file_and_
     assert DiffusersDenoiser(OmegaConf.create(UNET), OmegaConf.create(SCHEDULER)).sigmas.shape == (1000,)  # Hydra's
 
 
+@pytest.mark.slow
 @needs_proc
 def test_diffusers_configs_asking_for_gigabytes_are_refused_before_diffusers_allocates(tmp_path):
     pytest.importorskip("diffusers")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "fewstep"
+from helpers import REPO
+
+PACKAGE = REPO / "fewstep"
 
 
 def modules() -> dict[str, Path]:

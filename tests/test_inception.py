@@ -222,6 +222,7 @@ def test_fid_of_a_set_against_itself_is_about_zero(torchscript_path):
     assert abs(value) < 1e-2
 
 
+@pytest.mark.slow
 def test_install_command_converts_and_checks(torchscript_path, tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}  # one thread: see one_thread()
     env.pop(ENV_VAR, None)

@@ -16,18 +16,13 @@ from fewstep.samplers import CountingDenoiser, guided_velocity, sample_kac
 from fewstep.samplers.kac import KAC_SOLVERS, uniform_times
 from fewstep.train import train
 
-from conftest import TINY
+from helpers import MLP, TINY, kac_model
 
 # trainer=debug drops the checkpoint callback; a staged run needs one per stage
 CHECKPOINTS = [
     "trainer.enable_checkpointing=true", "+callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
     "+callbacks.model_checkpoint.dirpath=${paths.output_dir}/checkpoints", "+callbacks.model_checkpoint.save_last=true",
 ]
-MLP = {"_target_": "fewstep.networks.MLP", "width": 16, "depth": 1}
-
-
-def kac_model(cls=KacTeacher, dim: int = 2, **kwargs) -> KacTeacher:
-    return cls(net=MLP, data_shape=[dim], **kwargs)
 
 
 # -- samplers ---------------------------------------------------------------------------------------

@@ -23,10 +23,8 @@ from fewstep.methods.progressive import progressive_target
 from fewstep.networks.lpips_loss import LPIPSLoss, hub_backbone_path
 from fewstep.train import train
 
-from conftest import TINY
+from helpers import SHAPE, TINY, UNET
 
-UNET = {"_target_": "fewstep.networks.UNet", "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1}
-SHAPE = [1, 8, 8]
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
 FAST = {"lpips_backbone": "random", "lpips_resize": 32}  # VGG on 32 x 32: a fraction of a second per step
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fewstep.callbacks import TextProgress, auto_progress_bar
 
-from conftest import REPO, TINY, run_module
+from helpers import REPO, TINY, run_module
 
 TRAIN_LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\) \| train/loss [-\d.e+]+ \| [\d.e+]+ it/s \| ETA \d+:\d\d:\d\d \| elapsed ")
 
@@ -149,6 +149,7 @@ def test_benchmark_callbacks_keep_the_progress_bar(compose_cfg):
     assert cfg.callbacks.progress_bar._target_ == "fewstep.callbacks.auto_progress_bar"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "call, buffered",
     [("check_overrides(sys.argv[1:])", False), ("user_errors(lambda: None)()", False), ("pass", True)],
@@ -173,6 +174,7 @@ def test_entry_points_are_line_buffered(tmp_path, call, buffered):
     assert log.read_text() == ("" if buffered else "training a teacher ...\n")
 
 
+@pytest.mark.slow
 def test_train_without_a_terminal_prints_progress_and_a_summary_to_copy(tmp_path):
     run_dir = tmp_path / "a_run_directory_deep_enough" / "that_its_checkpoint_path" / "is_longer_than_eighty_columns"
     result = run_module(

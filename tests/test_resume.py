@@ -16,7 +16,7 @@ from fewstep.generate import generate
 from fewstep.methods import EDMTeacher
 from fewstep.train import train
 
-from conftest import REPO
+from helpers import REPO
 
 # A tiny run with a checkpoint every 2 steps (what a real run does every val_check_interval steps).
 RUN = [
@@ -43,6 +43,7 @@ def assert_same_training_state(a: dict, b: dict) -> None:
             torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     whole = subprocess.run(command(tmp_path / "whole"), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -179,6 +180,7 @@ def test_resume_auto_continues_a_staged_pipeline_at_its_unfinished_stage(compose
         assert_same_training_state(before, read_checkpoint(path / "last.ckpt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["edm_teacher", "flow_teacher", "kac_teacher"])
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, method):
     def run(name, *extra):

@@ -10,7 +10,7 @@ import torch
 
 from fewstep.checkpoints import AtomicCheckpointIO, CheckpointError, latest_checkpoint, load_method, read_checkpoint
 
-from conftest import run_module
+from helpers import run_module
 
 TINY_RUN = ["data=digits", "model=unet_tiny", "data.batch_size=8", "data.limit=64", "data.val_size=16"]
 
@@ -83,6 +83,7 @@ def test_a_checkpoint_may_name_only_fewstep_methods_and_networks(tmp_path, field
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_every_entry_point_refuses_a_checkpoint_that_would_run_code(tmp_path):
     marker = tmp_path / "pwned"
     bad = checkpoint_shaped(tmp_path / "bad.ckpt", marker)
@@ -105,6 +106,7 @@ def test_every_entry_point_refuses_a_checkpoint_that_would_run_code(tmp_path):
         assert_refused_in_one_line(run_module(module, *args, cwd=tmp_path), marker)
 
 
+@pytest.mark.slow
 def test_fewstep_writes_checkpoints_that_load_weights_only_and_resume(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY_RUN, "trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={run_dir}",

@@ -8,7 +8,7 @@ from fewstep.data import Gaussian
 from fewstep.data.rollout import RolloutBuffer, RolloutStates, check_weights, draw_sources
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.generate import generate
-from fewstep.methods import DMD2, BatchNoise, Consistency, EDMTeacher, KacTeacher, Progressive
+from fewstep.methods import DMD2, METHODS, BatchNoise, Consistency, EDMTeacher, KacTeacher, Progressive, register_method
 from fewstep.methods.dmd2 import distribution_matching_grad, distribution_matching_loss
 from fewstep.methods.progressive import halving_stages, progressive_target
 from fewstep.methods.student import DistilledStudent, ddim_step
@@ -17,31 +17,7 @@ from fewstep.samplers.grids import nested_sigmas
 from fewstep.samplers.solvers import sample_euler
 from fewstep.train import train
 
-from conftest import TINY, run_module
-
-UNET = {"_target_": "fewstep.networks.UNet", "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1}
-SHAPE = [1, 8, 8]
-DDIL = {"b_fwd": 1.0, "b_teacher": 1.0, "b_student": 1.0, "reflect": True}
-
-
-def randomize(module, seed: int = 0, scale: float = 0.2):
-    """Perturb every parameter, so that zero-initialised layers are not zero."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return module
-
-
-def teacher(seed: int = 0, scale: float = 0.2, **kwargs) -> EDMTeacher:
-    return randomize(EDMTeacher(net=UNET, data_shape=SHAPE, **kwargs), seed, scale)
-
-
-def student(cls, teacher_=None, **kwargs):
-    method = cls(net=UNET, data_shape=SHAPE, **kwargs)
-    method.attach_teacher(teacher_ or teacher())
-    return method
-
+from helpers import DDIL, SHAPE, TINY, UNET, randomize, run_module, student, teacher
 
 # -- grids and samplers --------------------------------------------------------------------------------------
 
@@ -400,6 +376,7 @@ def test_sources_of_weight_zero_get_no_rollout_buffer(compose_cfg, tmp_path):
     assert with_rollouts(compose_cfg("train", ["method=progressive"]), "data") == "data"  # no DDIL: the data itself
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old", [["method=ddil", "ddil.base=dmd2"], ["ddil.base=dmd2"]])
 def test_the_old_ddil_command_line_is_refused_in_one_line_that_gives_the_new_one(tmp_path, old):
     result = run_module("fewstep.train", *old, cwd=tmp_path)
@@ -425,7 +402,9 @@ class HalfwayStudent(DistilledStudent):
         return ((self.denoiser(x, sigma, class_labels) - target) ** 2).mean()
 
 
-def test_a_new_student_is_a_module_and_a_config_and_ddil_works_on_it_without_other_edits(compose_cfg, tmp_path):
+def test_a_new_student_is_a_module_and_a_config_and_ddil_works_on_it_without_other_edits(compose_cfg, tmp_path, request):
+    register_method("halfway", HalfwayStudent, "a test's own student")  # as its module would: its checkpoints then load
+    request.addfinalizer(lambda: METHODS.pop("halfway"))
     config_dir = tmp_path / "my_conf" / "method"
     config_dir.mkdir(parents=True)
     (config_dir / "halfway.yaml").write_text(

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from fewstep.cli import CONF_DIR
 
-from conftest import run_module
+from helpers import run_module
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweeps extra: pip install -e '.[sweeps]'")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the sweeps extra: pip install -e '.[sweeps]'")
@@ -31,6 +31,7 @@ def sweep_dir(root):
     return found.parent
 
 
+@pytest.mark.slow
 def test_optuna_teacher_sweep_with_shared_storage(tmp_path):
     db = tmp_path / "optuna.db"
     result = run_module(
@@ -68,6 +69,7 @@ def test_optuna_teacher_sweep_with_shared_storage(tmp_path):
     assert second["best_value"] == pytest.approx(min(values))  # the best of all three trials, both processes'
 
 
+@pytest.mark.slow
 def test_optuna_optimises_a_benchmark_metric(tmp_path):
     # benchmark/* reaches the sweeper from SamplerBenchmark's rows (gdd_optuna's one-step FID goes the same way)
     benchmark = [
@@ -86,6 +88,7 @@ def test_optuna_optimises_a_benchmark_metric(tmp_path):
     assert best["best_value"] == pytest.approx(row["value"]) and row["nfe"] == 1
 
 
+@pytest.mark.slow
 def test_optuna_refuses_a_metric_the_run_did_not_log(tmp_path):
     wrong = run_module(
         "fewstep.train", "-m", "hparams_search=teacher_optuna", "hydra.sweeper.n_trials=1", "optimized_metric=val/nope",
@@ -131,6 +134,7 @@ def nfe_sweep(tmp_path, ckpt, launcher: str):
     return sweep
 
 
+@pytest.mark.slow
 def test_nfe_sweep_through_the_submitit_local_executor(tiny_checkpoint, tmp_path):
     sweep = nfe_sweep(tmp_path, tiny_checkpoint[1], "local")
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # each job ran in its own submitit process
@@ -167,6 +171,7 @@ os.execvp(args[0], args)
 """
 
 
+@pytest.mark.slow
 def test_nfe_sweep_as_a_slurm_job_array(tiny_checkpoint, tmp_path, monkeypatch):
     # hydra/launcher=slurm end to end, with sbatch and srun stand-ins (no cluster here): the sbatch script that
     # conf/hydra/launcher/slurm.yaml makes, one array task per NFE, each task's result read back by the launcher

@@ -10,7 +10,7 @@ from fewstep.errors import CheckpointError
 from fewstep.methods import BatchNoise
 from fewstep.train import train
 
-from conftest import TINY, run_module
+from helpers import TINY, run_module
 
 
 @pytest.mark.parametrize("method", ["edm_teacher", "flow_teacher"])
@@ -38,6 +38,7 @@ def exact_validation_loss(cfg, batches: int) -> float:
     return float(torch.stack(losses).mean())
 
 
+@pytest.mark.slow
 def test_training_approaches_the_exact_denoiser(compose_cfg):
     # The EDM teacher on the analytic GMM: 400 steps must close most of the gap between the
     # validation loss at initialisation and the loss of the exact denoiser (fixed noise, so exact).
@@ -110,6 +111,7 @@ def test_corrupt_and_missing_checkpoints(tmp_path):
         read_checkpoint(bad)
 
 
+@pytest.mark.slow
 def test_command_line_train_then_sample(tmp_path):
     """The two commands a user types, as subprocesses, from a fresh directory."""
     result = run_module(
@@ -137,6 +139,7 @@ def test_command_line_train_then_sample(tmp_path):
     assert (npz.parent / "samples.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module,args,expected",
     [
@@ -170,6 +173,7 @@ def test_conditional_generation_with_guidance_counts_one_call_per_step(compose_c
     torch.testing.assert_close(samples, again)  # per-sample seeds: batch size does not matter
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_methods(tmp_path):
     result = run_module(
         "fewstep.train", "-m", "trainer=debug", "data=digits", "model=unet_tiny", "method=edm_teacher,flow_teacher",

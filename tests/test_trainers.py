@@ -16,7 +16,7 @@ from fewstep.errors import ConfigError
 from fewstep.generate import generate
 from fewstep.train import train
 
-from conftest import REPO
+from helpers import REPO
 
 PROFILES = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
 TINY_RUN = [
@@ -71,6 +71,7 @@ def test_a_compiled_run_trains_and_its_checkpoint_samples_without_compiling(comp
     assert torch.isfinite(samples).all()
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_matches_one_process_resumes_and_samples(tmp_path):
     def run(name, *extra):
         result = subprocess.run(

@@ -24,7 +24,7 @@ from fewstep.methods import EDMTeacher
 from fewstep.schema import UntrustedConfig, check_hyperparameters, check_node
 from fewstep.train import train
 
-from conftest import TINY, run_module
+from helpers import TINY, run_module
 
 TINY_NET = {"_target_": "fewstep.networks.UNet", "model_channels": 4, "channel_mult": [1, 2], "num_res_blocks": 1,
             "attn_levels": [1], "dropout": 0.0}
