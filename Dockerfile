@@ -2,7 +2,7 @@
 #   docker build -t fewstep .                      # CUDA 12.4 torch (the default)
 #   docker build --build-arg TORCH=cpu -t fewstep:cpu .
 #   docker run --gpus all -v "$PWD/outputs:/work/outputs" fewstep trainer=gpu method=gdd   # Hydra overrides
-# Or through docker-compose.yml (README: "Docker").
+# Or through docker-compose.yml (README: "Run in Docker"; docs/docker.md).
 FROM python:3.11-slim-bookworm
 
 # The torch build: a PyTorch wheel index name, cu124 (CUDA 12.4) or cpu.
