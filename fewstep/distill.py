@@ -2,8 +2,8 @@
 
 Every config with a ``teacher`` group (method=kac_endpoint, gdd, ...) comes here from
 ``fewstep.train``. The teacher is ``teacher.ckpt``, or the newest finished ``teacher.method`` run
-for the same data and model under ``paths.root``, or else one trained first (under ``trainer=debug``
-a debug teacher of as many steps). A student gets it through ``attach_teacher`` and starts from its
+for the same data and model under ``paths.root`` (``fewstep.layout``; the run says which it took), or else one
+trained first (under ``trainer=debug`` a debug teacher of as many steps). A student gets it through ``attach_teacher`` and starts from its
 network. A staged method (``fewstep.methods.teacher.Staged``: kac_endpoint's stages, progressive's
 rounds) writes a complete run directory (checkpoints, TensorBoard, sample grids) per stage under
 ``<run>/stage<i>_<M>steps/``, and each stage's student teaches the next. ``ddil=default`` gives any
@@ -24,6 +24,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
+from fewstep import layout
 from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.cli import CONF_DIR
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights
@@ -59,7 +60,7 @@ def same_setting(run: DictConfig, cfg: DictConfig) -> bool:
 
 
 def finished_checkpoint(run_dir: Path, run: DictConfig) -> Path | None:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = layout.last_checkpoint(run_dir)
     if not last.is_file():
         return None
     try:
@@ -73,18 +74,16 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
     teacher = cfg.teacher
     if teacher.ckpt:
         return Path(teacher.ckpt).resolve()
-    runs = sorted(Path(cfg.paths.root).glob(f"{teacher.method}/*/*/.hydra/config.yaml"), reverse=True)
-    for config_path in runs:
+    for run_dir in layout.runs_of(cfg.paths.root, teacher.method):
         try:  # anyone may have written a run under paths.root: its config is data, checked like a named file
-            run = read_run_config(config_path)
+            run = read_run_config(layout.saved_config(run_dir))
         except CheckpointError as error:
             raise CheckpointError(f"{error} (found looking for a {teacher.method} teacher: pass teacher.ckpt=PATH, "
                                   "or move that run out of the way)") from None
-        run_dir = config_path.parent.parent
         if same_setting(run, cfg) and (last := finished_checkpoint(run_dir, run)):
-            last = last.resolve()
-            console.print(f"[bold]teacher[/]: reusing {last} (a {teacher.method} run for this data and model)")
-            return last
+            trained = datetime.fromtimestamp(last.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+            console.print(f"[bold]teacher[/]: reusing {last} (trained {trained}; teacher.ckpt=PATH picks another)")
+            return last.resolve()
     teacher_cfg = teacher_config(cfg)
     kind = "a debug teacher (trainer=debug: not one to distil from)" if cfg.get("debug") else "one"
     console.print(
@@ -93,7 +92,7 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
     )
     save_config(teacher_cfg)
     fit(teacher_cfg)
-    return (Path(teacher_cfg.paths.output_dir) / "checkpoints" / "last.ckpt").resolve()
+    return layout.last_checkpoint(teacher_cfg.paths.output_dir).resolve()
 
 
 def composed_method(name: str) -> DictConfig:
@@ -112,8 +111,7 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
     for key in ("conditional", "label_dropout"):  # the student's conditioning, where its config sets it
         if key in cfg.method:
             method[key] = cfg.method[key]
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out = Path(cfg.paths.root) / teacher.method / data_name(cfg) / stamp
+    out = layout.run_dir(cfg.paths.root, teacher.method, data_name(cfg))
     stages = staged(cfg)
     # the teacher's sample grid: its own sampler (teacher.sampler), at the staged teacher's steps or teacher.nfe
     nfe = stages[0] if stages else teacher.get("nfe", 35)
@@ -141,7 +139,7 @@ def derived(
             new.trainer.enable_checkpointing = True
             new.callbacks = new.get("callbacks") or {}
             new.callbacks.model_checkpoint = {
-                "_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "dirpath": str(out / "checkpoints"),
+                "_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "dirpath": str(layout.checkpoints(out)),
                 "save_last": True, "enable_version_counter": False,
             }
         if new.get("callbacks") and new.callbacks.get("sample_grid"):
@@ -156,7 +154,7 @@ def derived(
 
 def save_config(cfg: DictConfig) -> None:
     """.hydra/config.yaml in the run directory, as Hydra writes it, so evaluate and later runs can read it."""
-    path = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
+    path = layout.saved_config(cfg.paths.output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path, resolve=True)
 
@@ -241,7 +239,7 @@ def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_pa
     steps_per_stage = int(cfg.trainer.max_steps) if cfg.get("debug") else cls.steps_per_stage(method)
     rows, metrics = [("teacher", stages[0], str(teacher_path), "")], {}
     for i, (teacher_steps, steps) in enumerate(zip(stages, stages[1:]), start=1):
-        out = Path(cfg.paths.output_dir) / f"stage{i}_{steps}steps"
+        out = layout.stage_dir(cfg.paths.output_dir, i, steps)
         first_sampler = cfg.teacher.get("sampler") if i == 1 else None
         arguments = cls.stage_options(method, teacher, teacher_path, teacher_steps, steps, first_sampler)
         stage_method = OmegaConf.create({"_target_": method["_target_"], "_recursive_": False, **arguments})
@@ -251,7 +249,7 @@ def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_pa
         console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")
         save_config(stage_cfg)
         metrics = fit(stage_cfg, method=student, datamodule=with_rollouts(stage_cfg, datamodule))
-        teacher_path = out / "checkpoints" / "last.ckpt"
+        teacher_path = layout.last_checkpoint(out)
         teacher = load_method(teacher_path)
         rows.append((f"stage {i}", steps, str(teacher_path), f"{metrics.get('val/loss', float('nan')):.4g}"))
     console.print(f"[bold]{type(teacher).__name__} stages[/] (steps, val/loss, checkpoint):")

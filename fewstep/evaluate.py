@@ -20,48 +20,92 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
-from fewstep.checkpoints import EDM_SUFFIXES, load_method
-from fewstep.cli import check_overrides, user_errors
+from fewstep.checkpoints import load_method
+from fewstep.cli import CONF_DIR, check_overrides, user_errors
 from fewstep.errors import ConfigError, FewstepError
 from fewstep.generate import generate, resolve_device
 from fewstep.images import to_uint8
 from fewstep.metrics.score import feature_extractor, reference_key, score, score_against_file
 from fewstep.options import check_evaluate_options
 from fewstep.progress import Progress, duration
-from fewstep.run_config import build_data, read_run_config
+from fewstep.run_config import build_data, training_config
 
 
-def training_config(ckpt: str, data_config: str | None, required: bool = True) -> DictConfig | None:
-    """The training run's config: ``data_config``, or the nearest .hydra/config.yaml above the checkpoint.
+def evaluate_checkpoint(
+    path: str | Path, sampler: str | dict | None = None, nfe: int | None = None, n: int | None = None,
+    metric: str | None = None, repeats: int | None = None, out: str | Path | None = None, **more,
+) -> dict:
+    """``python -m fewstep.evaluate`` as a function: the result row of checkpoint ``path``, also written to
+    ``out``/result.json when ``out`` is given.
 
-    A plain run keeps it at <run>/.hydra; a staged run's checkpoints sit one level deeper, in
-    <run>/stage<i>_<M>steps/checkpoints. Not ``required`` (real statistics from ref=), a missing one is None.
+    ``sampler`` is a solver name or {name, **options}; ``more`` holds any other key of conf/evaluate.yaml (seed,
+    weights, ref, protocol, guidance, grid, batch_size, ...). An argument left None keeps the config's value.
     """
-    if data_config:
-        path = Path(data_config)
+    return announce(result_row(evaluate_config(path, sampler, nfe=nfe, n=n, metric=metric, repeats=repeats, **more)), out)
+
+
+def evaluate_config(path: str | Path, sampler: str | dict | None = None, **values) -> DictConfig:
+    """conf/evaluate.yaml composed for checkpoint ``path`` with ``values`` (None: the config's own value)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    options = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
+    name, overrides = options.pop("name", None), []
+    if name:  # a solver without a config of its own (one registered at run time) takes euler's, which has no options
+        overrides.append(f"sampler={name if (CONF_DIR / 'sampler' / f'{name}.yaml').is_file() else 'euler'}")
+    if values.get("protocol"):
+        overrides.append(f"protocol={values.pop('protocol')}")
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (whose config tree is fewstep's)
+        cfg = compose("evaluate", overrides=overrides)
     else:
-        found = [d / ".hydra" / "config.yaml" for d in Path(ckpt).resolve().parents if (d / ".hydra" / "config.yaml").is_file()]
-        path = found[0] if found else Path(ckpt).resolve().parent.parent / ".hydra" / "config.yaml"
-    if not path.is_file():
-        if not required:
-            return None
-        if Path(ckpt).is_dir() or Path(ckpt).suffix in EDM_SUFFIXES:
-            raise ConfigError(
-                f"'{ckpt}' comes from outside fewstep and has no training config: pass ref=PATH.npz (reference "
-                "statistics: EDM's fid-refs file, or python -m fewstep.fid_reference data=... out=PATH.npz) with "
-                "metric=fid, or data_config=PATH to a fewstep run's .hydra/config.yaml naming the data"
-            )
-        raise ConfigError(
-            f"no training config at '{path}': pass data_config=PATH to the .hydra/config.yaml of the run "
-            "that wrote the checkpoint, so that the reference images come from its data set"
-        )
-    return read_run_config(path)
+        with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
+            cfg = compose("evaluate", overrides=overrides)
+    unknown = sorted(key for key in values if key not in cfg or key in ("ckpt", "paths"))
+    if unknown:
+        raise ConfigError(f"evaluate_checkpoint got {unknown[0]}=: not an option of conf/evaluate.yaml; choose from "
+                          f"{', '.join(key for key in cfg if key not in ('ckpt', 'paths', 'sampler'))}")
+    with open_dict(cfg):
+        cfg.ckpt = str(path)
+        for key, value in values.items():
+            if value is not None:
+                cfg[key] = str(value) if isinstance(value, Path) else value
+        if name:
+            cfg.sampler.name = name
+        cfg.sampler.update(options)
+    return cfg
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    """The result row of ``cfg`` (conf/evaluate.yaml), as the command line gives it: written to the run directory."""
+    return announce(result_row(cfg), cfg.paths.output_dir)
+
+
+def announce(row: dict, out: str | Path | None) -> dict:
+    """Print ``row`` in one line and write it to ``out``/result.json (nowhere without ``out``)."""
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(row, indent=2))
+    extra = "".join(f", {key} {row[key]:.3f}" for key in ("precision", "recall", "class_entropy") if key in row)
+    if "values" in row:
+        extra += (
+            f"  (best of {len(row['values'])} seed sets: {', '.join(f'{v:.4g}' for v in row['values'])}; "
+            f"mean {row['mean']:.4g} +- {row['std']:.2g})"
+        )
+    against = f", against {row['ref']}" if "ref" in row else ""
+    written = f" -> {out / 'result.json'}" if out is not None else ""
+    Console().print(
+        f"{row['metric']} = {row['value']:.4g}{extra}  ({row['sampler']}, {row['nfe']} NFE, n = {row['n']}{against}){written}",
+        soft_wrap=True,
+    )
+    return row
+
+
+def result_row(cfg: DictConfig) -> dict:
+    """Sample and score as ``cfg`` says: the row of result.json."""
     check_evaluate_options(cfg)
     reference = file_reference(cfg)  # None: the real statistics come from the training images
     seeds = repeat_seeds(cfg.seed, cfg.n, cfg.get("repeats", 1))
@@ -104,20 +148,6 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.metric == "fid_domain":
         row["domain_classifier_accuracy"] = extractor.accuracy  # fid_domain is not comparable with published FID
         row.update(diversity(extractor, real, first, datamodule.num_classes, cfg.batch_size))
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(row, indent=2))
-    extra = "".join(f", {key} {row[key]:.3f}" for key in ("precision", "recall", "class_entropy") if key in row)
-    if "values" in repeats:
-        extra += (
-            f"  (best of {len(values)} seed sets: {', '.join(f'{v:.4g}' for v in values)}; "
-            f"mean {repeats['mean']:.4g} +- {repeats['std']:.2g})"
-        )
-    against = f", against {reference['path']}" if reference is not None else ""
-    Console().print(
-        f"{cfg.metric} = {value:.4g}{extra}  ({cfg.sampler.name}, {nfe} NFE, n = {cfg.n}{against}) -> {out / 'result.json'}",
-        soft_wrap=True,
-    )
     return row
 
 

@@ -1,10 +1,11 @@
 """A run's saved configuration (``.hydra/config.yaml``), read as data: the few fields fewstep needs, checked.
 
-``fewstep.evaluate`` takes the data set a checkpoint was trained on from its run's saved config, and a distillation
-run looks for a finished teacher among earlier runs' configs. Such a file may have been written by anyone: it is
-parsed as YAML without aliases and within a size limit, and only its ``data`` node (checked like a checkpoint's
-nodes by ``fewstep.schema``), ``model``, ``method.conditional``, ``trainer.max_steps`` and ``debug`` are kept. The
-data set is built by ``build_data`` from fewstep's own table, never by Hydra from the file.
+``fewstep.evaluate`` takes the data set a checkpoint was trained on from its run's saved config (``training_config``),
+and a distillation run looks for a finished teacher among earlier runs' configs (``fewstep.layout`` says where).
+Such a file may have been written by anyone: it is parsed as YAML without aliases and within a size limit, and
+only its ``data`` node (checked like a checkpoint's nodes by ``fewstep.schema``), ``model``, ``method.conditional``,
+``trainer.max_steps`` and ``debug`` are kept. The data set is built by ``build_data`` from fewstep's own table, never by
+Hydra from the file.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from fewstep import layout
+from fewstep.checkpoints import EDM_SUFFIXES
 from fewstep.constructors import build
-from fewstep.errors import CheckpointError, one_line
+from fewstep.errors import CheckpointError, ConfigError, one_line
 from fewstep.schema import UntrustedConfig, check_node, check_plain_data, check_value
 
 MAX_BYTES = 1 << 20  # a saved run config is a few KB
@@ -73,3 +76,26 @@ def read_run_config(path: str | Path) -> DictConfig:
 def build_data(node):
     """The data module of a checked ``data`` node (``read_run_config``), built from fewstep's own table."""
     return build(node)
+
+
+def training_config(ckpt: str | Path, data_config: str | Path | None = None, required: bool = True) -> DictConfig | None:
+    """The checked config of the run that wrote ``ckpt``: ``data_config``, or its run's saved config.
+
+    Not ``required`` (the real statistics come from ref=), a missing one is None.
+    """
+    run = layout.run_of_checkpoint(ckpt)
+    path = Path(data_config) if data_config else layout.saved_config(run or Path(ckpt).resolve().parent.parent)
+    if not path.is_file():
+        if not required:
+            return None
+        if Path(ckpt).is_dir() or Path(ckpt).suffix in EDM_SUFFIXES:
+            raise ConfigError(
+                f"'{ckpt}' comes from outside fewstep and has no training config: pass ref=PATH.npz (reference "
+                "statistics: EDM's fid-refs file, or python -m fewstep.fid_reference data=... out=PATH.npz) with "
+                "metric=fid, or data_config=PATH to a fewstep run's .hydra/config.yaml naming the data"
+            )
+        raise ConfigError(
+            f"no training config at '{path}': pass data_config=PATH to the .hydra/config.yaml of the run "
+            "that wrote the checkpoint, so that the reference images come from its data set"
+        )
+    return read_run_config(path)

@@ -1,4 +1,5 @@
-"""A run directory has one writer at a time, and what it holds is never lost by accident.
+"""A run directory has one writer at a time, and what it holds is never lost by accident (``fewstep.layout``: where
+its files live).
 
 - ``hold(directory)``: a lock file, ``.fewstep.lock`` (PID, host, kernel boot id, start time, command), held with
   ``fcntl.flock`` for as long as a run uses the directory and removed when it ends (normally, on an exception, on
@@ -32,6 +33,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
+from fewstep import layout
 from fewstep.errors import ConfigError, FewstepError, one_line
 
 try:
@@ -318,7 +320,7 @@ def hold(directory: str | Path) -> Iterator[None]:
 def checkpoint_dir(cfg: DictConfig) -> Path:
     """Where the run's ModelCheckpoint writes: its ``dirpath``, else ``<output_dir>/checkpoints``."""
     checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
-    return Path(checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints")
+    return Path(checkpoint.get("dirpath") or layout.checkpoints(cfg.paths.output_dir))
 
 
 def checkpoints_in(directory: Path) -> list[Path]:

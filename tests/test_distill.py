@@ -1,5 +1,6 @@
 """fewstep.distill: a distillation run finds, reuses or trains its teacher and hands it to the student."""
 
+import pytest
 import torch
 
 from fewstep.checkpoints import load_method
@@ -7,7 +8,7 @@ from fewstep.generate import generate
 from fewstep.methods import GDD, EDMTeacher
 from fewstep.train import train
 
-from conftest import TINY
+from helpers import TINY
 
 CHECKPOINTS = [
     "trainer.enable_checkpointing=true", "+callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -35,3 +36,20 @@ def test_gdd_run_trains_its_edm_teacher_then_the_generator(compose_cfg, tmp_path
 
     images = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()["images"]
     assert images == ["samples/euler_nfe1"], images
+
+
+@pytest.mark.slow
+def test_a_reused_teacher_is_named_in_one_line(tiny_checkpoint, compose_cfg, capsys):
+    """A run without teacher.ckpt takes the finished teacher run of its data and model under paths.root, and says
+    which one, when it was trained and how to pick another."""
+    import pytest
+
+    from fewstep.distill import find_teacher
+
+    root, ckpt = tiny_checkpoint
+    cfg = compose_cfg("train", ["method=gdd", "data=digits", "model=unet_tiny", f"paths.root={root / 'outputs'}"])
+    found = find_teacher(cfg, fit=lambda *args, **kwargs: pytest.fail("trained a teacher although one was there"))
+    assert found == ckpt.resolve()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "reusing" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"teacher: reusing {ckpt} (trained 20"), lines
+    assert lines[0].endswith("; teacher.ckpt=PATH picks another)")

@@ -7,7 +7,7 @@ import pytest
 from fewstep.errors import FewstepError
 from fewstep.metrics.inception_weights import find_weights
 
-from conftest import run_module
+from helpers import run_module
 
 
 def weights_available() -> bool:
@@ -23,6 +23,7 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))  # domain classifiers and real statistics
 
 
+@pytest.mark.slow
 def test_multirun_evaluate_then_report(tiny_checkpoint, tmp_path):
     root, ckpt = tiny_checkpoint
     result = run_module(
@@ -51,6 +52,7 @@ def test_multirun_evaluate_then_report(tiny_checkpoint, tmp_path):
     assert (sweep / "fid_domain_vs_nfe.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not weights_available(), reason="FID weights absent: run 'python -m fewstep.metrics.weights'")
 def test_standard_fid_row(tiny_checkpoint, tmp_path):
     root, ckpt = tiny_checkpoint
@@ -63,6 +65,7 @@ def test_standard_fid_row(tiny_checkpoint, tmp_path):
     assert row["metric"] == "fid" and row["value"] > 0 and row["nfe"] == 3 and row["n_real"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,expected",
     [
@@ -79,11 +82,13 @@ def test_evaluate_errors_are_one_line(tiny_checkpoint, args, expected):
     assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_report_of_an_empty_directory_is_one_line(tmp_path):
     result = run_module("fewstep.report", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "no result.json" in result.stderr
 
 
+@pytest.mark.slow
 def test_raw_weights_are_the_trained_ones_and_ema_the_average(tiny_checkpoint, tmp_path):
     """weights=raw (evaluate, sample) loads what the EMA hides: the checkpoint's current_model_state."""
     import torch
@@ -99,3 +104,29 @@ def test_raw_weights_are_the_trained_ones_and_ema_the_average(tiny_checkpoint, t
     ema, raw = load_method(tmp_path / "moved.ckpt").state_dict(), load_method(tmp_path / "moved.ckpt", weights="raw").state_dict()
     for key, value in checkpoint["state_dict"].items():
         assert torch.equal(ema[key], value) and torch.equal(raw[key], checkpoint["current_model_state"][key])
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoint_gives_the_row_the_command_line_writes(tiny_checkpoint, tmp_path):
+    """The Python API and `python -m fewstep.evaluate` are one code path: the same settings give the same row."""
+    from fewstep.errors import ConfigError
+    from fewstep.evaluate import evaluate_checkpoint
+
+    root, ckpt = tiny_checkpoint
+    settings = ["sampler=euler", "nfe=2", "n=24", "batch_size=24", "metric=fid_domain", "seed=5"]
+    result = run_module("fewstep.evaluate", f"ckpt={ckpt}", *settings, f"hydra.run.dir={tmp_path / 'cli'}", cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cli = json.loads((tmp_path / "cli" / "result.json").read_text())
+    row = evaluate_checkpoint(ckpt, "euler", nfe=2, n=24, metric="fid_domain", batch_size=24, seed=5, out=tmp_path / "api")
+    different = {"images_per_second", "device"}  # the machine's, not the result's
+
+    def same(r, leave_out=()):  # as JSON text: a NaN (no dark pixels) equals itself there
+        return json.dumps({k: v for k, v in r.items() if k not in leave_out}, sort_keys=True)
+
+    assert same(row) == same(json.loads((tmp_path / "api" / "result.json").read_text()))
+    assert same(row, different) == same(cli, different)
+    # a sampler with options, and nothing written without out=
+    row = evaluate_checkpoint(ckpt, {"name": "edm_sde", "s_churn": 10.0}, nfe=3, n=24, metric="fid_domain", batch_size=24)
+    assert row["sampler"] == "edm_sde" and row["sampler_options"]["s_churn"] == 10.0 and row["nfe"] == 3
+    with pytest.raises(ConfigError, match="evaluate_checkpoint got nfes=: not an option of conf/evaluate.yaml"):
+        evaluate_checkpoint(ckpt, nfes=4)

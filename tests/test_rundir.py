@@ -19,7 +19,7 @@ from fewstep.errors import ConfigError
 from fewstep.images import ImageWriteError, save_grid
 from fewstep.train import train
 
-from conftest import REPO
+from helpers import REPO
 
 # A tiny run with a checkpoint (and a sample grid) every 2 steps.
 RUN = [
@@ -45,6 +45,7 @@ def write_lock(directory, pid, host=None, **extra):
 # -- the lock, in one process -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_forked_second_holder_is_refused_in_one_line_naming_the_first_pid(tmp_path):
     run = tmp_path / "run"
     with rundir.hold(run):
@@ -89,6 +90,7 @@ def test_a_lock_of_another_machine_is_refused_with_how_to_remove_it(tmp_path):
             pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["this host", "a container on this machine"])
 def test_a_stale_lock_is_taken_over_with_a_line(tmp_path, capsys, where):
     pid = dead_pid()
@@ -130,6 +132,7 @@ def test_ranks_above_zero_take_no_lock_and_are_not_refused(tmp_path, monkeypatch
     assert rundir.is_rank_zero()
 
 
+@pytest.mark.slow
 def test_processes_racing_for_a_fresh_directory_get_the_lock_once(tmp_path):
     run, results, start = tmp_path / "run", tmp_path / "results", time.time() + 0.5
     results.mkdir()
@@ -196,6 +199,7 @@ def test_ckpt_path_in_the_run_directory_continues_it_and_one_elsewhere_does_not_
         train(compose_cfg("train", [*RUN, f"ckpt_path={other / 'checkpoints' / 'last.ckpt'}"]))
 
 
+@pytest.mark.slow
 def test_stale_temporary_files_are_removed_at_the_next_start_and_live_ones_kept(compose_cfg, tmp_path, capsys):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

@@ -13,7 +13,7 @@ from fewstep.callbacks import SamplerBenchmark
 from fewstep.errors import ConfigError
 from fewstep.train import train
 
-from conftest import TINY
+from helpers import TINY
 
 # digits (8x8) with a tiny UNet, 2 validations; the benchmark scores 2 samplers x 2 NFE budgets each time
 BENCH = [

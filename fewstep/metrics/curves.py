@@ -1,9 +1,11 @@
-"""Metric-against-NFE curves from result rows: tables (markdown) and figures, for fewstep.report and the
-SamplerBenchmark callback alike."""
+"""Metric-against-NFE curves: tables (markdown) and figures, for fewstep.report, the SamplerBenchmark callback and
+the tools alike (the one place that draws them). A curve maps NFE to a value: a number, or a summary over seeds."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Collection
+from math import isfinite
 from pathlib import Path
 
 
@@ -25,43 +27,72 @@ def tables(rows: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
     return out
 
 
-def grid(curves: dict[str, dict[int, float]]) -> tuple[list[int], list[list[str]]]:
-    """The NFE columns and one row of cells per setting (a dash where a setting has no run at that NFE)."""
-    nfes = sorted({nfe for curve in curves.values() for nfe in curve})
-    rows = [[name, *(f"{curve[k]:.4g}" if k in curve else "-" for k in nfes)] for name, curve in sorted(curves.items())]
+def grid(
+    curves: dict[str, dict], cell: Callable = "{:.4g}".format, columns: list | None = None, sort: bool = True
+) -> tuple[list, list[list[str]]]:
+    """The columns (every NFE, or ``columns``) and one row of cells per setting (a dash where it has no value)."""
+    nfes = columns or sorted({nfe for curve in curves.values() for nfe in curve})
+    items = sorted(curves.items()) if sort else curves.items()
+    rows = [[name, *(cell(curve[k]) if k in curve else "-" for k in nfes)] for name, curve in items]
     return nfes, rows
 
 
+def markdown_table(corner: str, columns: list, rows: list[list[str]]) -> list[str]:
+    """A markdown table: ``corner`` and the columns as its header, then the rows."""
+    lines = [f"| {corner} | " + " | ".join(map(str, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def markdown(metric: str, nfes: list[int], rows: list[list[str]], n: int) -> str:
-    lines = [f"### {metric} against NFE (n = {n} generated images)", "", "| sampler | " + " | ".join(map(str, nfes)) + " |"]
-    lines.append("|---" * (len(nfes) + 1) + "|")
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = [f"### {metric} against NFE (n = {n} generated images)", "", *markdown_table("sampler", nfes, rows)]
     return "\n".join(lines) + "\n"
 
 
-def figure(metric: str, curves: dict[str, dict[int, float]]):
-    """A matplotlib figure of ``metric`` against NFE, one line per setting (log-log)."""
+def figure(
+    metric: str, curves: dict[str, dict], title: str | None = None, xlabel: str = "NFE (counted)", xscale: str = "log",
+    floor: float | None = None, dashed: Collection[str] = (), axes=None, sort: bool = True,
+):
+    """A matplotlib figure of ``metric`` against NFE, one line per setting (log-log unless told otherwise).
+
+    A value is a number, or a summary over seeds with ``mean``, ``std`` and ``per_seed`` (drawn with error bars).
+    ``floor``: a dotted line (the score of true samples); ``dashed``: the settings drawn dashed (peers); ``axes``:
+    draw into these instead of a new figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, axes = plt.subplots(figsize=(6, 4))
-    for i, (name, curve) in enumerate(sorted(curves.items())):
-        nfes = sorted(curve)
+    fig, axes = plt.subplots(figsize=(6, 4)) if axes is None else (axes.figure, axes)
+    for i, (name, curve) in enumerate(sorted(curves.items()) if sort else curves.items()):
+        nfes = sorted(k for k in curve if isfinite(mean(curve[k])))
+        if not nfes:
+            continue
         # past the colour cycle's 10 colours, change the line style so that no two curves look alike
-        style = {"linestyle": ("-", "--", ":", "-.")[i // 10 % 4], "marker": "os^D"[i // 10 % 4]}
-        axes.plot(nfes, [curve[k] for k in nfes], label=name, **style)
-    axes.set(xscale="log", yscale="log", xlabel="NFE (counted)", ylabel=metric, title=f"{metric} against NFE")
+        style = {"linestyle": "--" if name in dashed else ("-", "--", ":", "-.")[i // 10 % 4], "marker": "os^D"[i // 10 % 4]}
+        spread = [getattr(curve[k], "std", 0) if len(getattr(curve[k], "per_seed", ())) > 1 else 0 for k in nfes]
+        axes.errorbar(nfes, [mean(curve[k]) for k in nfes], yerr=spread if any(spread) else None, label=name, capsize=3,
+                      markersize=4, color=f"C{i % 10}", **style)
+    if floor is not None:
+        axes.axhline(floor, color="black", linestyle=":", label="noise floor")
+    axes.set(xscale=xscale, yscale="log", xlabel=xlabel, ylabel=metric, title=title or f"{metric} against NFE")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def plot(metric: str, curves: dict[str, dict[int, float]], path: Path) -> None:
+def mean(value) -> float:
+    """A value, or the mean of a summary over seeds."""
+    value = getattr(value, "mean", value)
+    return float("nan") if value is None else float(value)
+
+
+def plot(metric: str, curves: dict[str, dict], path: Path, **options) -> None:
+    """``figure`` written to ``path`` (its folder made if needed)."""
     from matplotlib import pyplot as plt
 
-    fig = figure(metric, curves)
+    fig = figure(metric, curves, **options)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
