@@ -4,8 +4,8 @@ Per coordinate the data are a point mass (a black pixel, x0 = -1), two points (b
 Gaussian N(m, s^2); the exact marginal velocity u(x, t) = E[f'(t) x0 + g'(t) v_K(x_t - f(t) x0, g(t)) | x_t = x]
 is computed in closed form (point masses: the posterior over the points, atoms first) or by quadrature
 (Gaussian), and the Kac samplers integrate it from exact prior draws. A pixel is faint noise when it lies more
-than 16/255 above a black data value in [-1, 1] (8 levels of 255 on the image scale), as in
-tools/kac_dark_pixels.py.
+than 16/255 above a black data value in [-1, 1] (8 levels of 255 on the image scale), as
+``fewstep.metrics.diversity.dark_pixel_stats`` counts faint pixels.
 
 What the tests show: with the exact velocity the samplers at 100 steps leave no faint pixels (so neither the
 time grid nor the last step is the cause); a velocity that resolves only 3/4 of the Kac velocity at mid times

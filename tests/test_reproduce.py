@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
-spec = importlib.util.spec_from_file_location("reproduce", TOOL)
-reproduce = importlib.util.module_from_spec(spec)
-sys.modules["reproduce"] = reproduce
-spec.loader.exec_module(reproduce)
+import reproduce
 
 
 def rows(*pairs):

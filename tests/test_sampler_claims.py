@@ -1,4 +1,4 @@
-"""The mixture benchmark's sampler claims: the second-order lazy solver (lazy_2m) and the SEEDS-2 weights (tools/bench_mixture.py)."""
+"""The mixture benchmark's sampler claims: the second-order lazy solver (lazy_2m) and the SEEDS-2 weights (tools/bench_samplers.py)."""
 
 from __future__ import annotations
 
@@ -123,21 +123,18 @@ def test_seeds2_weights_agree_as_the_step_shrinks():
 
 
 def test_the_kdiffusion_peer_leaves_a_package_that_others_can_still_find(monkeypatch):
-    """tools/bench_mixture.py imports k_diffusion.sampling without the package's __init__. The package it leaves in
-    sys.modules must keep its spec: diffusers' import calls find_spec("k_diffusion") and failed after it."""
+    """fewstep.bench imports k_diffusion.sampling without the package's __init__ for the benchmarks. The package it
+    leaves in sys.modules must keep its spec: diffusers' import calls find_spec("k_diffusion") and failed after it."""
     import importlib.util
     import sys
-    from pathlib import Path
+
+    from fewstep.bench import kdiffusion_sampling
 
     if importlib.util.find_spec("k_diffusion") is None:
         pytest.skip("k-diffusion is not installed")
     for name in [m for m in sys.modules if m == "k_diffusion" or m.startswith("k_diffusion.")]:
         monkeypatch.delitem(sys.modules, name)
-    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_mixture.py"
-    spec = importlib.util.spec_from_file_location("bench_mixture_peer_check", tool)
-    bench_mixture = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_mixture)
-    sampling = bench_mixture.import_kdiffusion_sampling()
+    sampling = kdiffusion_sampling()
     assert sampling is not None and hasattr(sampling, "sample_dpmpp_2m_sde")
     assert importlib.util.find_spec("k_diffusion") is not None
     for name in [m for m in sys.modules if m == "k_diffusion" or m.startswith("k_diffusion.")]:

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from fewstep.bench import synchronize
 from fewstep.networks import UNet, edm_denoise
 from fewstep.samplers import SOLVERS, CountingDenoiser, SeededNoise, sample
 
@@ -31,11 +32,6 @@ MODELS = {  # the presets of conf/model (tiny: unet_tiny)
     "small": dict(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attn_levels=(2,)),
     "cifar": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,)),
 }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device) -> float:

@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
+from fewstep.bench import cpu_name
 from fewstep.cli import CONF_DIR
 from fewstep.methods import BatchNoise
 
@@ -106,8 +107,7 @@ SETTINGS = [("32-true", False), ("bf16-mixed", False), ("32-true", True), ("bf16
 def device_name(accelerator: str) -> str:
     if accelerator == "gpu":
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU")
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def speedups(cfg, args) -> None:

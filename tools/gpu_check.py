@@ -12,8 +12,8 @@ or a slow torch.compile costs one section's rows, never the run; rows come back 
 2. memory: peak GPU memory and step time of one training step of each method (the teachers, then every
    distillation student with its teacher, critic or discriminator), through ``fewstep.train.train``.
 3. sampler: per-NFE solver overhead against bare network calls (``tools/bench_sampler_overhead.py --json``).
-4. fid: FID Inception images/s and the time of a 50,000-sample FID, plus EDM DDPM++ sampling at batch 512
-   (``tools/bench_paper_fid.py``'s timing).
+4. fid: FID Inception images/s and the time of a 50,000-sample FID (the papers' protocol), plus EDM DDPM++
+   sampling at batch 512.
 5. ddp: the Lightning step with ``trainer=ddp`` on every GPU, if there are several.
 
 A global deadline (``--deadline``, 450 s on a GPU) bounds the run: a section that cannot start in time
@@ -44,6 +44,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+from fewstep.bench import cpu_name
+from fewstep.errors import one_line
+from fewstep.methods import METHODS
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
@@ -88,15 +92,12 @@ FORMATS: dict[str, Callable[[float], str]] = {
     "50k-sample time": lambda v: duration(v),
 }
 
-# The methods of section 2, teachers first (their checkpoints teach the students after them).
-TEACHERS = {"edm_teacher": None, "kac_teacher": None}
-STUDENTS = {  # method -> (its teacher, overrides that keep a staged method to one stage)
-    "progressive": ("edm_teacher", ["method.end_steps=16"]),
-    "consistency": ("edm_teacher", []),
-    "dmd2": ("edm_teacher", []),
-    "gdd": ("edm_teacher", []),
-    "kac_endpoint": ("kac_teacher", ["method.stages=[100,20]"]),
-}
+# The methods of section 2, every one of fewstep.methods.METHODS: teachers first (their checkpoints teach the students
+# after them), each student with the first teacher of the kind it distils.
+TEACHERS = [name for name, (cls, _) in METHODS.items() if not hasattr(cls, "teacher_kind")]
+STUDENTS = {name: next(t for t in TEACHERS if issubclass(METHODS[t][0], cls.teacher_kind))
+            for name, (cls, _) in METHODS.items() if hasattr(cls, "teacher_kind")}
+ONE_STAGE = {"progressive": ["method.end_steps=16"], "kac_endpoint": ["method.stages=[100,20]"]}  # staged methods
 
 
 @dataclass(frozen=True)
@@ -264,17 +265,9 @@ def run_child(job: Job, limit_s: float, settings_name: str, workdir: Path, log: 
     else:
         argv = [sys.executable, str(Path(__file__).resolve()), "--job", job.name, "--rows", str(rows_path),
                 "--job-options", json.dumps(job.options), "--job-limit", f"{limit_s:.1f}", *extra]
-    began = time.monotonic()
     rc, tail, timed_out = call(argv, limit_s, log, job.name)
     if job.name == "sampler":
-        if rc == 2 and ("unrecognized arguments" in tail or "invalid choice" in tail):
-            # A bench_sampler_overhead.py without --json (or without the tiny preset): its printed table instead.
-            argv = [a for a in argv if a not in ("--json", str(rows_path))]
-            if "tiny" in argv:  # the small preset at 8x8 grey: about as cheap
-                argv = [("small" if a == "tiny" else a) for a in argv] + ["--resolution", "8", "--channels", "1"]
-            rc, tail, timed_out = call(argv, limit_s - (time.monotonic() - began), log, job.name)
-            rows_path.unlink(missing_ok=True)
-        return sampler_rows(rows_path, rc, tail, timed_out, limit_s, log)
+        return sampler_rows(rows_path, rc, tail, timed_out, limit_s)
     rows = read_rows(rows_path)
     failures = [row.pop("_error") for row in rows if "_error" in row]
     rows = [row for row in rows if row]
@@ -336,8 +329,8 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def sampler_rows(path: Path, rc: int | None, tail: str, timed_out: bool, limit_s: float, log: Path) -> list[dict]:
-    """bench_sampler_overhead's JSON rows as this table's; without its --json, the markdown table it printed."""
+def sampler_rows(path: Path, rc: int | None, tail: str, timed_out: bool, limit_s: float) -> list[dict]:
+    """bench_sampler_overhead's JSON rows as this table's."""
     if timed_out:
         return [{"solver": f"timed out: stopped after {limit_s:.0f} s (time budget)"}]
     if rc == 0 and path.is_file():
@@ -348,36 +341,12 @@ def sampler_rows(path: Path, rc: int | None, tail: str, timed_out: bool, limit_s
             return [sampler_row(row) for row in document] or [{"solver": "error: --json wrote no rows"}]
         except (ValueError, KeyError, TypeError) as error:
             return [{"solver": f"error: unreadable --json output: {type(error).__name__}: {one_line(error)}"}]
-    if rc == 0:  # no JSON written: read the table from its output
-        rows = parse_sampler_markdown(log.read_text().rsplit("===== sampler", 1)[-1])
-        if rows:
-            return rows + [{"solver": "note: rows read from the printed table (this bench_sampler_overhead.py has "
-                                      "no --json or no --model tiny)"}]
     return [{"solver": f"error: tools/bench_sampler_overhead.py exit code {rc}: {tail}"}]
 
 
 def sampler_row(row: dict) -> dict:
     return {"solver": row["solver"], "noise": row["noise"], "NFE": row["nfe"], "ms per NFE": float(row["ms_per_nfe"]),
             "bare ms per call": float(row["bare_ms_per_call"]), "overhead": float(row["overhead"])}
-
-
-def parse_sampler_markdown(text: str) -> list[dict]:
-    """Rows of bench_sampler_overhead's printed table (``| heun (per-image noise) | 32 | 1.0 | 0.9 | +3.3% |``;
-    older versions wrote "(seeded noise)")."""
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 5 or not cells[1].isdigit():
-            continue
-        solver = cells[0].removesuffix(" (per-image noise)").removesuffix(" (seeded noise)")
-        seeded = solver != cells[0]
-        try:
-            rows.append({"solver": solver, "noise": "per_image" if seeded else "global", "NFE": int(cells[1]),
-                         "ms per NFE": float(cells[2]), "bare ms per call": float(cells[3]),
-                         "overhead": float(cells[4].rstrip("%")) / 100})
-        except ValueError:
-            continue
-    return rows
 
 
 def add_ratios(sections: dict[str, list[dict]]) -> None:
@@ -491,7 +460,7 @@ def environment(cpu: bool) -> tuple[dict, int]:
             names = sorted({torch.cuda.get_device_name(i) for i in range(gpus)})
             header["device"] = ", ".join(names) + (f" (x{gpus})" if gpus > 1 else "")
         else:
-            header["device"] = f"CPU ({cpu_model()}, {os.cpu_count()} cores)"
+            header["device"] = f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
         header["GPUs"] = gpus
         header["torch"] = torch.__version__
         header["CUDA"] = torch.version.cuda or "none"
@@ -506,14 +475,6 @@ def environment(cpu: bool) -> tuple[dict, int]:
     header["python"] = platform.python_version()
     header["mode"] = "--cpu (tiny settings: shapes and code paths, not figures)" if cpu else "GPU"
     return header, gpus
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
-    except OSError:
-        return platform.processor() or "CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,10 +547,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_check: wrote {out / 'gpu_check.md'} and {out / 'gpu_check.json'} (children's output: {log}); "
           f"{len(bad)} error cell(s)", flush=True)
     return 0
-
-
-def one_line(message) -> str:
-    return " ".join(str(message).split())
 
 
 # ---------------------------------------------------------------- the child's side: one job, rows as they come
@@ -684,10 +641,8 @@ def compose(overrides: list[str]):
 def job_train(settings: Settings, options: dict, clock: Clock, args) -> Iterator[dict]:
     """Section 1: the Lightning step, through bench_train's own loop."""
     quiet()
+    import bench_train  # a sibling in tools/, this script's folder
     import torch
-
-    sys.path.insert(0, str(TOOLS))
-    import bench_train
 
     model, compiled = options["model"], options["compiled"]
     s = settings
@@ -783,7 +738,7 @@ def job_memory(settings: Settings, options: dict, clock: Clock, args) -> Iterato
             if method in TEACHERS:  # the default checkpoint callback writes the last.ckpt its students read
                 overrides = [f"method={method}", f"trainer.max_steps={steps}"]
             else:
-                teacher, extra = STUDENTS[method]
+                teacher, extra = STUDENTS[method], ONE_STAGE.get(method, [])
                 if teacher not in checkpoints:
                     row["peak memory (GiB)"] = f"error: no {teacher} checkpoint (its row failed)"
                     yield row
@@ -821,9 +776,7 @@ def job_fid(settings: Settings, options: dict, clock: Clock, args) -> Iterator[d
     import torch
     from omegaconf import OmegaConf
 
-    sys.path.insert(0, str(TOOLS))
-    from bench_paper_fid import median_seconds
-
+    from fewstep.bench import median_seconds
     from fewstep.cli import CONF_DIR
     from fewstep.errors import FewstepError
     from fewstep.images import to_uint8

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from fewstep import layout
+from fewstep.metrics.curves import grid, markdown_table, plot
+
 TABLES = ("teacher", "kac", "gdd", "students")
 ODE = ("euler", "heun", "dpmpp_2m")
 LAZY = ("lazy_ode", "lazy_2m")
@@ -134,11 +137,10 @@ class Run:
     def dir(self, seed: int) -> Path:
         return self.out / "runs" / self.name / f"seed{seed}"
 
-    def ckpt(self, seed: int, stage: str | None = None) -> Path:
+    def ckpt(self, seed: int, steps: int | None = None) -> Path:
+        """The run's last checkpoint, or that of its stage of ``steps``-step students."""
         run = self.dir(seed)
-        if stage is not None:
-            (run,) = run.glob(f"stage*_{stage}steps")
-        return run / "checkpoints" / "last.ckpt"
+        return layout.last_checkpoint(run if steps is None else layout.stages(run)[steps])
 
     def train(self, seed: int) -> Path:
         run, overrides = self.dir(seed), [*self.overrides(seed), *self.extra]
@@ -170,17 +172,12 @@ class Run:
 # -- rows ---------------------------------------------------------------------------------------------------------
 def register_peers() -> list[str]:
     """The peers' SDE solvers as fewstep solvers of this process: k-diffusion's and diffusers' (when installed)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_mixture import import_kdiffusion_sampling
-
+    from fewstep.bench import kdiffusion_sampling
     from fewstep.samplers import SOLVERS, Solver
 
     names = []
-    sampling = import_kdiffusion_sampling()  # its sampling module alone: the package's __init__ needs scikit-image
-    if sampling is None:
-        print("[peers] the k-diffusion rows are skipped: pip install --no-deps k-diffusion==0.1.1.post1 "
-              "dctorch==0.1.2 torchsde torchdiffeq trampoline")
-    else:
+    sampling = kdiffusion_sampling()  # its sampling module alone: the package's __init__ needs scikit-image
+    if sampling is not None:
         def solver(function: str):
             def solve(denoiser, x, sigmas, noise=None, callback=None):
                 seeds = [int(s) for s in noise.seeds] if noise is not None else None
@@ -223,21 +220,12 @@ def diffusers_edm_sde_dpmpp(scheduler_class):
     return solve
 
 
-def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path, options: tuple[str, ...] = (), weights: str = "ema") -> dict:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path, options: dict | None = None, weights: str = "ema") -> dict:
+    """The protocol's row: fid_domain of two disjoint sample sets of n images."""
+    from fewstep.evaluate import evaluate_checkpoint
 
-    from fewstep.cli import CONF_DIR
-    from fewstep.evaluate import evaluate
-
-    GlobalHydra.instance().clear()
-    group = sampler if (CONF_DIR / "sampler" / f"{sampler}.yaml").is_file() else "euler"
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[
-            f"ckpt={ckpt}", f"sampler={group}", f"sampler.name={sampler}", f"nfe={nfe}", f"n={n}",
-            "metric=fid_domain", "repeats=2", f"paths.output_dir={out}", f"weights={weights}", *(f"+sampler.{o}" for o in options),
-        ])
-    return evaluate(cfg)
+    return evaluate_checkpoint(ckpt, {"name": sampler, **(options or {})}, nfe, n, "fid_domain", repeats=2, out=out,
+                               weights=weights)
 
 
 ROW_KEY = ("label", "train_seed", "sampler_name", "nfe_budget", "n")
@@ -250,7 +238,7 @@ class Rows:
         self.path, self.seeds = path, seeds  # select() summarises these training seeds only (None: all)
         self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
 
-    def get(self, label: str, seed: int, ckpt: Path, sampler: str, nfe: int, n: int, options: tuple[str, ...] = (),
+    def get(self, label: str, seed: int, ckpt: Path, sampler: str, nfe: int, n: int, options: dict | None = None,
             weights: str = "ema") -> dict:
         """The row of (label, seed, sampler, nfe, n), evaluated now if not saved; ``options`` are sampler options,
         ``weights`` the checkpoint's (ema, or raw: the trained weights)."""
@@ -382,11 +370,11 @@ def table_kac(args, rows: Rows) -> list[str]:
         for sampler in ("kac_euler", "kac_ab2"):
             rows.get("teacher", seed, teacher.ckpt(seed), sampler, stages[0], args.n)
         # the same teacher without its final denoising jumps: the sampler before issue 17's fix
-        rows.get("teacher, no jumps", seed, teacher.ckpt(seed), "kac_euler", stages[0], args.n, ("denoise=[]",))
+        rows.get("teacher, no jumps", seed, teacher.ckpt(seed), "kac_euler", stages[0], args.n, {"denoise": []})
         for steps in stages[1:]:
-            rows.get("staged", seed, staged.ckpt(seed, str(steps)), "kac_euler", steps, args.n)
-            rows.get(f"staged{ROLLOUTS}", seed, rolled.ckpt(seed, str(steps)), "kac_euler", steps, args.n)
-        rows.get("one jump", seed, direct.ckpt(seed, "1"), "kac_euler", 1, args.n)
+            rows.get("staged", seed, staged.ckpt(seed, steps), "kac_euler", steps, args.n)
+            rows.get(f"staged{ROLLOUTS}", seed, rolled.ckpt(seed, steps), "kac_euler", steps, args.n)
+        rows.get("one jump", seed, direct.ckpt(seed, 1), "kac_euler", 1, args.n)
     best = min((stat(rows.select("teacher", s)) for s in ("kac_euler", "kac_ab2")), key=lambda s: s.mean)
     edm = best_edm_teacher(args)
     lines = ["| model | NFE | fid_domain | sampling spread | / best teacher | dark fraction | / EDM teacher's | noisy images |",
@@ -490,7 +478,7 @@ def table_gdd(args, rows: Rows) -> list[str]:
         teacher.train(seed)
         for level, run in runs.items():
             run.train(seed)
-            for step, ckpt in kept_checkpoints(run.dir(seed)).items():
+            for step, ckpt in layout.kept_checkpoints(run.dir(seed)).items():
                 steps.add(step)
                 rows.get(f"{gdd_label(level)} @ {step}", seed, ckpt, "euler", 1, args.n)
                 rows.get(f"{gdd_label(level)}{RAW} @ {step}", seed, ckpt, "euler", 1, args.n, weights="raw")
@@ -502,10 +490,10 @@ def table_gdd(args, rows: Rows) -> list[str]:
     best_sampler, best_nfe, _, best = edm
     steps = sorted(steps)
     batch = images_per_step(teacher.dir(args.seeds[0]))
-    teacher_steps = max(kept_checkpoints(teacher.dir(args.seeds[0])))
+    teacher_steps = max(layout.kept_checkpoints(teacher.dir(args.seeds[0])))
     # the teacher's own curve (its best cell at each of its checkpoints): was it still improving when GDD began?
     for seed in args.seeds:
-        for step, ckpt in kept_checkpoints(teacher.dir(seed)).items():
+        for step, ckpt in layout.kept_checkpoints(teacher.dir(seed)).items():
             if step < teacher_steps:
                 rows.get(f"{TEACHER_AT} @ {step}", seed, ckpt, best_sampler, best_nfe, args.n)
     teacher_rows = {s: rows.select(f"{TEACHER_AT} @ {s}", best_sampler, best_nfe) for s in steps}
@@ -555,11 +543,6 @@ def table_gdd(args, rows: Rows) -> list[str]:
     return lines
 
 
-def kept_checkpoints(run: Path) -> dict[int, Path]:
-    """A run's checkpoints by training step: one per validation (callbacks.model_checkpoint, step_NNNNNNN.ckpt)."""
-    return {int(c.stem.split("_")[1]): c for c in sorted(run.glob("checkpoints/step_*.ckpt"))}
-
-
 TEACHER_AT = "teacher checkpoint"  # the gdd table's teacher at its earlier checkpoints, its best sampler cell
 RAW = ", trained weights"  # a GDD row scored with the checkpoint's trained weights (weights=raw), not their EMA
 
@@ -581,7 +564,7 @@ def collapsed(curve: dict[int, Stat]) -> int:
 def images_per_step(run: Path) -> int:
     from omegaconf import OmegaConf
 
-    return int(OmegaConf.load(run / ".hydra" / "config.yaml").data.batch_size)
+    return int(OmegaConf.load(layout.saved_config(run)).data.batch_size)
 
 
 DDIL_VARIANTS = {  # label prefix -> overrides
@@ -594,7 +577,7 @@ DDIL_VARIANTS = {  # label prefix -> overrides
 STUDENT_STEPS = (1, 2, 4)
 
 
-def student_runs(args) -> dict[str, tuple[Run, list[tuple[str | None, str, int]]]]:
+def student_runs(args) -> dict[str, tuple[Run, list[tuple[int | None, str, int]]]]:
     """Each students-table run by label, with its evaluations (stage or None, sampler, steps).
 
     Progressive's rounds give the 1-, 2- and 4-step students of one run, consistency samples its one model at
@@ -602,7 +585,7 @@ def student_runs(args) -> dict[str, tuple[Run, list[tuple[str | None, str, int]]
     """
     teacher = teacher_runs(args)
     bases = {  # name -> (training overrides, evaluations)
-        "progressive": (method("progressive", args.quick), [(str(k), "euler", k) for k in STUDENT_STEPS]),
+        "progressive": (method("progressive", args.quick), [(k, "euler", k) for k in STUDENT_STEPS]),
         "consistency": (method("consistency", args.quick), [(None, "consistency", k) for k in STUDENT_STEPS]),
         **{f"dmd2_{k}": ([*method("dmd2", args.quick), f"method.student_steps={k}"], [(None, "consistency", k)])
            for k in STUDENT_STEPS},
@@ -684,10 +667,8 @@ def table_students(args, rows: Rows) -> list[str]:
 
 # -- output -------------------------------------------------------------------------------------------------------
 def fid_nfe_table(curves: dict[str, dict[int, Stat]], nfes: list[int]) -> list[str]:
-    lines = ["| sampler | " + " | ".join(f"{n} NFE" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
-    for sampler, curve in curves.items():
-        if curve:
-            lines.append(f"| {sampler} | " + " | ".join(str(curve[n]) if n in curve else "" for n in nfes) + " |")
+    columns, cells = grid({sampler: curve for sampler, curve in curves.items() if curve}, str, nfes, sort=False)
+    lines = markdown_table("sampler", [f"{n} NFE" for n in columns], cells)
     spreads = [s.spread for c in curves.values() for s in c.values() if math.isfinite(s.spread)]
     if spreads:
         lines.append(f"\nfid_domain, mean ± std over training seeds; the metric's own sampling spread (one set of n "
@@ -696,23 +677,8 @@ def fid_nfe_table(curves: dict[str, dict[int, Stat]], nfes: list[int]) -> list[s
 
 
 def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str, xlabel: str = "NFE", xscale: str = "log") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (sampler, curve) in enumerate(curves.items()):
-        if curve:
-            nfes = sorted(curve)
-            ax.errorbar(nfes, [curve[n].mean for n in nfes], yerr=[curve[n].std if len(curve[n].per_seed) > 1 else 0
-                        for n in nfes], marker="o", capsize=3, label=sampler, color=plt.cm.tab20(i % 20),
-                        ls="--" if sampler in PEER_NAMES else "-")
-    ax.set(xscale=xscale, yscale="log", xlabel=xlabel, ylabel="fid_domain", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """fid_domain against NFE (or what ``xlabel`` says), mean and std over training seeds; the peers dashed."""
+    plot("fid_domain", curves, path, title=title, xlabel=xlabel, xscale=xscale, dashed=PEER_NAMES, sort=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

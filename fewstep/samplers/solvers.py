@@ -218,8 +218,7 @@ def sample_seeds2(
         exponential (ETD) weights that sample_seeds3 uses (b = h phi_2(-2h) / c);
       "phi1": D_s + (D_2 - D_s) / (2 c2) with weight 1 - e^{-2h} (D_2 alone at c2 = 1/2), the DPM-Solver-2 form.
     Both are second order as h -> 0. At the step sizes of 4-24 NFE (h ~ 1-4 in lambda) the SDE's weight
-    sits near the step's end, where "phi1" still uses the midpoint value: on tools/bench_mixture.py's
-    16-d mixture "phi2" cuts the sliced W2^2 about 3x at 7-15 NFE (docs/bench_mixture.md).
+    sits near the step's end, where "phi1" still uses the midpoint value (measured: docs/bench_mixture.md).
     """
     if weights not in ("phi1", "phi2"):
         raise ValueError(f"weights must be 'phi1' or 'phi2', got {weights!r}")
@@ -348,7 +347,6 @@ def sample_lazy_2m(denoiser: Denoiser, x, sigmas, noise=None, callback=None, sig
     the variable-step AB2 correction: second order in the cosine schedule's own t (not in log-SNR, where an
     exponential integrator would be DPM-Solver++(2M) again, the same map as in EDM's sigma). For
     N(0, sd^2 I) data the velocity is identically zero, so it is exact at any step count, 1 included.
-    On tools/bench_mixture.py's 16-d mixture it beats dpmpp_2m at every budget from 1 to 24 NFE except 3
-    (where lazy_ode and dpmpp_2m are better), and lazy_ode from 8 NFE on (docs/bench_mixture.md).
+    Measured against dpmpp_2m and lazy_ode on a 16-d mixture: docs/bench_mixture.md.
     """
     return sample_ab2_in_schedule(denoiser, x, sigmas, Cosine(sigma_data), callback)
