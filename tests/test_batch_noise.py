@@ -6,10 +6,8 @@ with batch 2n: for a loss that is a mean over the batch, the full-batch loss is 
 
 import pytest
 import torch
-from test_gdd import CONV, gdd
-from test_gdd import teacher as gdd_teacher
 
-from fewstep.methods import DMD2, BatchNoise, Consistency, EDMTeacher, FlowTeacher, KacEndpoint, Progressive
+from fewstep.methods import DMD2, GDD, BatchNoise, Consistency, EDMTeacher, FlowTeacher, KacEndpoint, Progressive
 from fewstep.methods.gdd import generator_loss
 
 from helpers import SHAPE, UNET, kac_model, randomize, student, teacher
@@ -107,8 +105,8 @@ def test_every_methods_training_loss_is_the_same_on_one_process_and_on_two_ranks
 
 
 def test_gdd_generator_and_discriminator_losses_are_the_same_on_one_process_and_on_two_ranks():
-    method = gdd(discriminator=CONV)
-    method.attach_teacher(gdd_teacher())
+    method = GDD(net=UNET, data_shape=SHAPE, discriminator={"kind": "conv", "channels": [8, 16]})
+    method.attach_teacher(teacher())
     x_real, y = batch(method)
 
     def losses(rows, rng):
