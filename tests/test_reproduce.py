@@ -211,3 +211,10 @@ def test_a_row_of_fewer_than_3_seeds_says_so():
     assert str(reproduce.Stat([10.0, 12.0, 14.0], 1.0)) == "12 ± 2"
     assert str(reproduce.Stat([10.0, 12.0], 1.0)) == "11 ± 1.4 (2 seeds)"
     assert str(reproduce.Stat([10.0], 1.0)) == "10 (1 seed)"
+
+
+def test_the_protocol_names_only_registered_methods():
+    from fewstep.methods import METHODS
+
+    assert set(reproduce.BUDGETS) <= set(METHODS)
+    assert set(reproduce.QUICK_BUDGETS) <= set(METHODS)
