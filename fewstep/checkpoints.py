@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from fewstep.atomic import atomic_write
 from fewstep.errors import CheckpointError, ConfigError, FewstepError, one_line
 from fewstep.torch_files import check_torch_archive
 
@@ -272,16 +272,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
+            atomic_write(path, lambda file: torch.save(checkpoint, file), sync=True)
         except OSError as error:
-            temporary.unlink(missing_ok=True)
             previous = latest_checkpoint(path.parent)
             kept = f"the previous checkpoint {previous.resolve()} is intact" if previous else "no earlier checkpoint was written"
             raise CheckpointError(

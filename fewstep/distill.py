@@ -6,7 +6,8 @@ for the same data and model under ``paths.root`` (``fewstep.layout``; the run sa
 trained first (under ``trainer=debug`` a debug teacher of as many steps). A student gets it through ``attach_teacher`` and starts from its
 network. A staged method (``fewstep.methods.teacher.Staged``: kac_endpoint's stages, progressive's
 rounds) writes a complete run directory (checkpoints, TensorBoard, sample grids) per stage under
-``<run>/stage<i>_<M>steps/``, and each stage's student teaches the next. ``ddil=default`` gives any
+``<run>/stage<i>_<M>steps/``, and each stage's student teaches the next; at the end ``fewstep.stage_summary``
+scores the teacher and every stage (summary.json, stages.png; ``summary=false`` skips it). ``ddil=default`` gives any
 EDM-space student DDIL's training states and rollout buffers.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
-from fewstep import layout
+from fewstep import layout, stage_summary
 from fewstep.checkpoints import load_method, read_checkpoint
 from fewstep.cli import CONF_DIR
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights
@@ -204,11 +206,22 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
     """Find or train the teacher, then fit the student (or each stage); returns the last fit's metrics."""
     cfg = with_ddil(cfg)
     stages = staged(cfg)
-    teacher_path = find_teacher(cfg, fit)
+    if stages:
+        stage_summary.settings(cfg)  # a bad summary.n fails now, not after the teacher and the stages
+    teacher_seconds = []  # the teacher's training time, when it is trained in this run
+
+    def fit_teacher(teacher_cfg):
+        start = time.perf_counter()
+        try:
+            return fit(teacher_cfg)
+        finally:
+            teacher_seconds.append(time.perf_counter() - start)
+
+    teacher_path = find_teacher(cfg, fit_teacher)
     teacher = load_method(teacher_path)
     cfg = with_teacher_network(cfg, teacher)
     if stages:
-        return train_stages(cfg, fit, datamodule, teacher, teacher_path, stages)
+        return train_stages(cfg, fit, datamodule, teacher, teacher_path, stages, (teacher_seconds or [None])[0])
     student = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
     student.attach_teacher(teacher, path=teacher_path)
     grid_nfe = getattr(student, "sample_grid_nfe", None)  # e.g. a one-step generator
@@ -232,12 +245,19 @@ def with_teacher_network(cfg: DictConfig, teacher) -> DictConfig:
     return cfg
 
 
-def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_path: Path, stages: list[int]) -> dict:
-    """Each student stage in turn, the first taught by ``teacher``; returns the last stage's metrics."""
+def train_stages(
+    cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_path: Path, stages: list[int],
+    teacher_seconds: float | None = None,
+) -> dict:
+    """Each student stage in turn, the first taught by ``teacher`` (trained in ``teacher_seconds`` in this run, None:
+    reused); then the end-of-run summary (``fewstep.stage_summary``). Returns the last stage's metrics."""
     cls, method = get_class(cfg.method._target_), options(cfg)
     check_kind(teacher, cls, teacher_path)  # before its settings are read for the first stage
     steps_per_stage = int(cfg.trainer.max_steps) if cfg.get("debug") else cls.steps_per_stage(method)
     rows, metrics = [("teacher", stages[0], str(teacher_path), "")], {}
+    # the teacher with its own sampler (as its sample grid), each student with the run's
+    student_sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    models = [stage_summary.Model("teacher", stages[0], {"name": cfg.teacher.get("sampler", "heun")}, teacher_path, teacher_seconds)]
     for i, (teacher_steps, steps) in enumerate(zip(stages, stages[1:]), start=1):
         out = layout.stage_dir(cfg.paths.output_dir, i, steps)
         first_sampler = cfg.teacher.get("sampler") if i == 1 else None
@@ -248,11 +268,14 @@ def train_stages(cfg: DictConfig, fit: Callable, datamodule, teacher, teacher_pa
         student.attach_teacher(teacher, path=teacher_path)
         console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")
         save_config(stage_cfg)
+        start = time.perf_counter()
         metrics = fit(stage_cfg, method=student, datamodule=with_rollouts(stage_cfg, datamodule))
         teacher_path = layout.last_checkpoint(out)
         teacher = load_method(teacher_path)
         rows.append((f"stage {i}", steps, str(teacher_path), f"{metrics.get('val/loss', float('nan')):.4g}"))
+        models.append(stage_summary.Model(f"stage {i}", steps, student_sampler, teacher_path, time.perf_counter() - start))
     console.print(f"[bold]{type(teacher).__name__} stages[/] (steps, val/loss, checkpoint):")
     for name, steps, path, loss in rows:  # plain lines: the paths stay whole, to be copied
         console.print(f"  {name}: {steps} steps, val/loss {loss or '-'}: {path}")
+    stage_summary.summarise(cfg, models, list(datamodule.shape), datamodule.num_classes)
     return metrics

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
+from fewstep.atomic import atomic_write
 from fewstep.errors import FewstepError
 
 
@@ -40,18 +40,10 @@ def save_grid(x: torch.Tensor, path: str | Path) -> Path:
     write (a full disk) is a one-line ImageWriteError and leaves no partial image behind."""
     path = Path(path)
     grid = image_grid(x)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as file:
-            save_image(grid, file, format=image_format)
-        os.replace(temporary, path)
+        atomic_write(path, lambda file: save_image(grid, file, format=image_format))
     except OSError as error:
-        try:
-            temporary.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise ImageWriteError(path, error.strerror or str(error)) from None
     return path
 

@@ -85,12 +85,12 @@ def test_fewstep_sample_takes_an_outside_teacher_as_it_takes_a_checkpoint(teache
 
 
 METHODS = {
-    "progressive": ["method=progressive", "method.start_steps=4", "method.end_steps=2", "method.steps_per_round=2"],
+    "progressive": ["method=progressive", "summary=false", "method.start_steps=4", "method.end_steps=2", "method.steps_per_round=2"],
     "consistency": ["method=consistency", "method.teacher_steps=8", "method.sample_steps=2"],
     "dmd2": ["method=dmd2", "method.student_steps=2", "method.critic_steps=1"],
     "gdd": ["method=gdd"],  # the default discriminator: the teacher's own encoder
     "gdd_i": ["method=gdd", "method.freeze.level=1"],  # GDD-I: EDM's UNet blocks frozen (diffusers': refused)
-    "ddil_progressive": ["method=progressive", "ddil=default", "method.start_steps=4", "method.end_steps=2",
+    "ddil_progressive": ["method=progressive", "summary=false", "ddil=default", "method.start_steps=4", "method.end_steps=2",
                          "method.steps_per_round=2", "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
     "ddil_consistency": ["method=consistency", "ddil=default", "method.teacher_steps=8", "method.sample_steps=2",
                          "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],

@@ -240,7 +240,7 @@ def test_a_student_without_the_weights_stops_at_fit_start_in_one_line(tmp_path):
 
 def test_progressive_rounds_on_lpips_from_the_command_line(compose_cfg, tmp_path):
     cfg = compose_cfg("train", [
-        "method=progressive", "method.start_steps=4", "method.steps_per_round=2", "++method.loss=lpips",
+        "method=progressive", "summary=false", "method.start_steps=4", "method.steps_per_round=2", "++method.loss=lpips",
         "++method.lpips_backbone=random", "++method.lpips_resize=32", *TINY, "data=digits",
         f"paths.root={tmp_path}/outputs", "teacher.max_steps=2", "callbacks.sample_grid.n=4",
         "trainer.enable_checkpointing=true", "+callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",

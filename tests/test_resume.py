@@ -163,7 +163,7 @@ def test_a_truncated_checkpoint_is_skipped_by_resume_auto_and_named_by_ckpt_path
 
 def test_resume_auto_continues_a_staged_pipeline_at_its_unfinished_stage(compose_cfg, tmp_path):
     overrides = [
-        "method=progressive", "method.start_steps=4", "method.steps_per_round=4", *RUN, "trainer.val_check_interval=2",
+        "method=progressive", "summary=false", "method.start_steps=4", "method.steps_per_round=4", *RUN, "trainer.val_check_interval=2",
         f"paths.root={tmp_path}/outputs", "teacher.max_steps=2", f"paths.output_dir={tmp_path / 'run'}",
     ]
     train(compose_cfg("train", overrides))

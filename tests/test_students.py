@@ -341,7 +341,8 @@ def test_ddil_buffers_are_refreshed_and_checkpointed(compose_cfg, tmp_path):
 
 def test_progressive_runs_its_halving_rounds_each_from_the_last(compose_cfg, tmp_path):
     cfg = compose_cfg("train", [
-        "method=progressive", "method.start_steps=4", "method.steps_per_round=2", *fit_overrides(tmp_path), *CHECKPOINTS,
+        "method=progressive", "summary=false", "method.start_steps=4", "method.steps_per_round=2", *fit_overrides(tmp_path),
+        *CHECKPOINTS,
     ])
     train(cfg)
     first = load_method(tmp_path / "stage1_2steps" / "checkpoints" / "last.ckpt")
