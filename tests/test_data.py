@@ -417,3 +417,14 @@ def test_gmm_data_module():
     assert torch.equal(again.train_set.tensors[0], train_x)
     noisy = torch.zeros(3, 2, dtype=torch.float64)
     torch.testing.assert_close(module.denoiser(noisy, 100.0), module.mixture.mean().expand(3, 2), atol=1e-4, rtol=0)
+
+
+def test_fid_domain_reads_an_image_folder(tmp_path):
+    # its labels are ints, not tensors: the domain classifier's training set is stacked from both
+    from fewstep.metrics.score import feature_extractor
+
+    _write_image_folder(tmp_path / "images")
+    module = ImageFolder(root=str(tmp_path / "images"), resolution=8, val_size=2, batch_size=3)
+    with pytest.warns(UserWarning, match="held-out accuracy"):  # five images teach a classifier little
+        extractor = feature_extractor("fid_domain", module, "image_folder", tmp_path / "cache")
+    assert extractor(torch.zeros(2, 3, 8, 8, dtype=torch.uint8)).shape[0] == 2

@@ -35,7 +35,9 @@ def feature_extractor(metric: str, datamodule, data_name: str, cache_dir: Path) 
     from fewstep.metrics.domain import domain_features
 
     datamodule.setup()
-    images, labels = (torch.stack(column) for column in zip(*(datamodule.train_set[i] for i in range(len(datamodule.train_set)))))
+    items = [datamodule.train_set[i] for i in range(len(datamodule.train_set))]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.as_tensor([int(label) for _, label in items])  # image folders give ints, the tensor data sets tensors
     extractor = domain_features(data_name, images, labels, datamodule.num_classes, cache_dir)
     if not extractor.accuracy >= MIN_DOMAIN_ACCURACY:
         warnings.warn(
