@@ -155,7 +155,7 @@ def cells(row: dict) -> list[str]:
 
     trained = "reused" if row["train_seconds"] is None else duration(row["train_seconds"])
     noisy = "-" if row.get("noisy_share") is None else f"{100 * row['noisy_share']:.1f}%"
-    return [row["stage"], str(row["steps"]), row["sampler"], number(row[METRIC], ".4g"),
+    return [row["stage"], str(row["steps"]), row["sampler"], number(row[METRIC], ".2f"),
             number(row["ratio"], ".2f") + ("x" if row["ratio"] is not None else ""), noisy, trained]
 
 

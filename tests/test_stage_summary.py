@@ -25,9 +25,9 @@ def test_the_table_and_files_hold_one_row_per_model_with_its_ratio_to_the_teache
     summary = build(ROWS, {"n": 1000, "seed": 0}, seconds=61.0)
     assert [row["ratio"] for row in summary["rows"]] == [1.0, 1.25, 2.0]
     text = markdown(summary)
-    assert "| teacher | 100 | kac_euler | 8 | 1.00x | 0.0% | reused |" in text
-    assert "| stage 1 | 4 | kac_euler | 10 | 1.25x | 2.6% | 0:01:35 |" in text
-    assert "| stage 2 | 1 | kac_euler | 16 | 2.00x | 3.9% | 1:02:05 |" in text
+    assert "| teacher | 100 | kac_euler | 8.00 | 1.00x | 0.0% | reused |" in text
+    assert "| stage 1 | 4 | kac_euler | 10.00 | 1.25x | 2.6% | 0:01:35 |" in text
+    assert "| stage 2 | 1 | kac_euler | 16.00 | 2.00x | 3.9% | 1:02:05 |" in text
     assert "scoring took 0:01:01" in text
     assert table(summary).row_count == 3
 
