@@ -208,20 +208,13 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
     stages = staged(cfg)
     if stages:
         stage_summary.settings(cfg)  # a bad summary.n fails now, not after the teacher and the stages
-    teacher_seconds = []  # the teacher's training time, when it is trained in this run
-
-    def fit_teacher(teacher_cfg):
-        start = time.perf_counter()
-        try:
-            return fit(teacher_cfg)
-        finally:
-            teacher_seconds.append(time.perf_counter() - start)
-
-    teacher_path = find_teacher(cfg, fit_teacher)
+    start, trained = time.perf_counter(), []
+    teacher_path = find_teacher(cfg, lambda teacher_cfg: trained.append(fit(teacher_cfg)))
+    teacher_seconds = time.perf_counter() - start if trained else None  # None: reused, not trained in this run
     teacher = load_method(teacher_path)
     cfg = with_teacher_network(cfg, teacher)
     if stages:
-        return train_stages(cfg, fit, datamodule, teacher, teacher_path, stages, (teacher_seconds or [None])[0])
+        return train_stages(cfg, fit, datamodule, teacher, teacher_path, stages, teacher_seconds)
     student = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
     student.attach_teacher(teacher, path=teacher_path)
     grid_nfe = getattr(student, "sample_grid_nfe", None)  # e.g. a one-step generator
@@ -254,7 +247,7 @@ def train_stages(
     cls, method = get_class(cfg.method._target_), options(cfg)
     check_kind(teacher, cls, teacher_path)  # before its settings are read for the first stage
     steps_per_stage = int(cfg.trainer.max_steps) if cfg.get("debug") else cls.steps_per_stage(method)
-    rows, metrics = [("teacher", stages[0], str(teacher_path), "")], {}
+    losses, metrics = {}, {}  # each stage's val/loss, by name
     # the teacher with its own sampler (as its sample grid), each student with the run's
     student_sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     models = [stage_summary.Model("teacher", stages[0], {"name": cfg.teacher.get("sampler", "heun")}, teacher_path, teacher_seconds)]
@@ -272,10 +265,10 @@ def train_stages(
         metrics = fit(stage_cfg, method=student, datamodule=with_rollouts(stage_cfg, datamodule))
         teacher_path = layout.last_checkpoint(out)
         teacher = load_method(teacher_path)
-        rows.append((f"stage {i}", steps, str(teacher_path), f"{metrics.get('val/loss', float('nan')):.4g}"))
+        losses[f"stage {i}"] = f"{metrics.get('val/loss', float('nan')):.4g}"
         models.append(stage_summary.Model(f"stage {i}", steps, student_sampler, teacher_path, time.perf_counter() - start))
     console.print(f"[bold]{type(teacher).__name__} stages[/] (steps, val/loss, checkpoint):")
-    for name, steps, path, loss in rows:  # plain lines: the paths stay whole, to be copied
-        console.print(f"  {name}: {steps} steps, val/loss {loss or '-'}: {path}")
+    for model in models:  # plain lines: the paths stay whole, to be copied
+        console.print(f"  {model.name}: {model.steps} steps, val/loss {losses.get(model.name, '-')}: {model.ckpt}")
     stage_summary.summarise(cfg, models, list(datamodule.shape), datamodule.num_classes)
     return metrics
