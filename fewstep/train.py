@@ -33,16 +33,35 @@ def train(cfg: DictConfig) -> dict:
     check_accelerator(cfg.trainer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("ddil") is not None and cfg.get("teacher") is None:
+    taught = distills(cfg)
+    if cfg.get("ddil") is not None and not taught:
         raise ConfigError("ddil=default changes how a distillation student trains; this method has no teacher: use ddil=none")
     with rundir.hold(cfg.paths.output_dir):
-        rundir.check_checkpoints(cfg, stages=cfg.get("teacher") is not None)
+        rundir.check_checkpoints(cfg, stages=taught)
         datamodule = load_data(cfg)
-        if cfg.get("teacher") is not None:
+        if taught:
             from fewstep.distill import train_student
 
             return train_student(cfg, fit, datamodule)
         return fit(cfg, datamodule=datamodule)
+
+
+def distills(cfg: DictConfig) -> bool:
+    """Whether this run distils a teacher: the method has a ``teacher`` group and, as configured, is taught
+    (``TaughtMethod.taught``: scm only in scd mode). A ``teacher.ckpt`` for a method that is not is refused."""
+    if cfg.get("teacher") is None:
+        return False
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    cls = get_class(cfg.method._target_)
+    taught = getattr(cls, "taught", None)
+    if taught is None or taught(OmegaConf.to_container(cfg.method, resolve=True)):
+        return True
+    if cfg.teacher.get("ckpt"):
+        raise ConfigError(f"teacher.ckpt={cfg.teacher.ckpt}: {cls.__name__} as configured trains from data without a "
+                          "teacher; drop teacher.ckpt, or set the method's option that distils (scm: method.mode=scd)")
+    return False
 
 
 def check_accelerator(trainer: DictConfig) -> None:
@@ -181,7 +200,7 @@ def preflight(argv: list[str]) -> None:
         overrides = [arg for arg in argv if not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
         with initialize_config_dir(config_dir=str(CONF_DIR.resolve()), version_base="1.3"):
             cfg = compose("train", overrides=[*overrides, f"paths.output_dir={directory}"])
-        rundir.check_checkpoints(cfg, stages=cfg.get("teacher") is not None)
+        rundir.check_checkpoints(cfg, stages=distills(cfg))
     except FewstepError as error:
         fail(str(error))
     except Exception:  # a config Hydra will reject in its own words, or one this cannot compose: train decides

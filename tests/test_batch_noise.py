@@ -7,8 +7,9 @@ with batch 2n: for a loss that is a mean over the batch, the full-batch loss is 
 import pytest
 import torch
 
-from fewstep.methods import DMD2, GDD, BatchNoise, Consistency, EDMTeacher, FlowTeacher, KacEndpoint, Progressive
+from fewstep.methods import DMD2, GDD, SCM, BatchNoise, Consistency, EDMTeacher, FlowTeacher, KacEndpoint, Progressive
 from fewstep.methods.gdd import generator_loss
+from fewstep.methods.meanflow import MeanFlow
 
 from helpers import SHAPE, UNET, kac_model, randomize, student, teacher
 
@@ -78,6 +79,11 @@ METHODS = {
     "progressive": lambda: student(Progressive, student_steps=2),
     "consistency (guided)": guided_consistency,
     "dmd2 (backward simulation)": dmd2,
+    "meanflow (guidance trained in)": lambda: randomize(MeanFlow(net=UNET, data_shape=SHAPE, num_classes=3, conditional=True,
+                                                                 label_dropout=0.5, share=0.5, guidance=0.6, guidance_mix=0.2,
+                                                                 power=0.0)),  # the adaptive weight's loss is near 1 at any noise
+    "scm (scd, guided teacher)": lambda: student(SCM, teacher(num_classes=3, conditional=True), mode="scd", num_classes=3,
+                                                 conditional=True, guidance=1.5, tangent_warmup=0),
 }
 
 

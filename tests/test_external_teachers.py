@@ -94,6 +94,7 @@ METHODS = {
                          "method.steps_per_round=2", "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
     "ddil_consistency": ["method=consistency", "ddil=default", "method.teacher_steps=8", "method.sample_steps=2",
                          "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
+    "scd": ["method=scm", "method.mode=scd"],  # sCM from the teacher's PF-ODE
     "ddil_dmd2": ["method=dmd2", "ddil=default", "method.critic_steps=1", "ddil.buffer.refresh_every=2",
                   "ddil.buffer.refresh_size=2"],
 }

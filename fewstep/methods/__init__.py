@@ -12,8 +12,10 @@ from fewstep.methods.flow_teacher import FlowTeacher
 from fewstep.methods.gdd import GDD
 from fewstep.methods.kac_endpoint import KacEndpoint
 from fewstep.methods.kac_teacher import KacTeacher
+from fewstep.methods.meanflow import MeanFlow
 from fewstep.methods.noise import BatchNoise
 from fewstep.methods.progressive import Progressive
+from fewstep.methods.scm import SCM
 
 METHODS = {
     "edm_teacher": (EDMTeacher, "Karras et al., Elucidating the Design Space of Diffusion-Based Generative Models, 2022"),
@@ -24,6 +26,8 @@ METHODS = {
     "progressive": (Progressive, "Salimans & Ho, Progressive Distillation for Fast Sampling of Diffusion Models, 2022"),
     "consistency": (Consistency, "Song et al., Consistency Models, 2023; Luo et al., Latent Consistency Models, arXiv 2310.04378"),
     "dmd2": (DMD2, "Yin et al., Improved Distribution Matching Distillation (DMD2), arXiv 2405.14867"),
+    "meanflow": (MeanFlow, "Geng et al., Mean Flows for One-step Generative Modeling, arXiv 2505.13447"),
+    "scm": (SCM, "Lu & Song, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models (sCM), arXiv 2410.11081"),
 }
 
 
@@ -40,5 +44,5 @@ def register_method(name: str, cls: type, paper: str) -> None:
 
 __all__ = [
     "METHODS", "BatchNoise", "GenerativeMethod", "Consistency", "DMD2", "EDMTeacher", "FlowTeacher", "GDD", "KacEndpoint", "KacTeacher",
-    "Progressive", "register_method",
+    "MeanFlow", "Progressive", "SCM", "register_method",
 ]

@@ -34,6 +34,12 @@ class TaughtMethod:
     teacher = None
     has_teacher = False  # whether attach_teacher was called, kept teacher or not
 
+    @classmethod
+    def taught(cls, options: dict) -> bool:
+        """Whether the method, with these options (its config as a plain dict), distils a teacher; a method that can
+        also train from data (scm's sct mode) says no for that."""
+        return True
+
     def attach_teacher(self, teacher, path=None, init_student: bool = True) -> None:
         """Freeze ``teacher`` (read from ``path``, recorded as ``teacher_ckpt``); start the student from its weights."""
         check_teacher(teacher, self, path or self.hparams.get("teacher_ckpt"))

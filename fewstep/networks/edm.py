@@ -139,10 +139,11 @@ class GroupNorm(nn.Module):
 def attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """softmax over keys of q^T k / sqrt(channels) for q, k of shape [n, c, pixels]: [n, queries, keys].
 
-    Computed in float32 whatever the input dtype and returned in q's dtype (EDM's AttentionOp; autograd
-    differentiates through the casts, which gives the same float32 gradients).
+    Computed in float32 (float64 for float64 inputs) and returned in q's dtype (EDM's AttentionOp; autograd and
+    forward-mode differentiate through the casts, which gives the same float32 derivatives).
     """
-    logits = torch.einsum("ncq,nck->nqk", q.to(torch.float32), (k / math.sqrt(k.shape[1])).to(torch.float32))
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.einsum("ncq,nck->nqk", q.to(dtype), (k / math.sqrt(k.shape[1])).to(dtype))
     return logits.softmax(dim=2).to(q.dtype)
 
 
@@ -216,7 +217,7 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = self.num_channels // 2
-        exponents = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        exponents = torch.arange(half, dtype=torch.float64, device=x.device) / (half - (1 if self.endpoint else 0))
         angles = torch.outer(x, ((1 / self.max_positions) ** exponents).to(x.dtype))
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
@@ -232,6 +233,23 @@ class FourierEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
         return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def second_time_mapping(map_noise: nn.Module, channels: int) -> nn.Sequential:
+    """The embedding of a second scalar input (MeanFlow's t - r): ``map_noise``'s kind of embedding, then a linear
+    layer initialised to zero, so that a network built with it starts as the network without it."""
+    kind = PositionalEmbedding(channels, map_noise.max_positions, map_noise.endpoint) \
+        if isinstance(map_noise, PositionalEmbedding) else FourierEmbedding(channels)
+    return nn.Sequential(kind, Linear(channels, channels, init_weight=0))
+
+
+def add_second_time(emb: torch.Tensor, mapping: nn.Module | None, second_time: torch.Tensor | None) -> torch.Tensor:
+    """The noise embedding ``emb`` plus the mapped second time; one line when the network was built without it."""
+    if second_time is None:
+        return emb
+    if mapping is None:
+        raise ConfigError("this network has no second time input: build it with second_time=True (model.second_time=true)")
+    return emb + mapping(torch.as_tensor(second_time, device=emb.device).to(emb.dtype).expand(emb.shape[0]))
 
 
 def drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -262,14 +280,16 @@ class SongUNet(nn.Module):
     DDPM++: embedding_type='positional', channel_mult_noise=1, encoder_type='standard', resample_filter=[1,1].
     NCSN++: embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1,3,3,1].
     Modules live in the ModuleDicts ``enc`` and ``dec`` under EDM's names (``{res}x{res}_block{i}``, ``_down``,
-    ``_up``, ``_in0``, ``_aux_*``); ``forward`` dispatches on those names.
+    ``_up``, ``_in0``, ``_aux_*``); ``forward`` dispatches on those names. ``second_time`` (fewstep's, off by default:
+    EDM's state_dict unchanged) adds the input ``forward(..., second_time=h)``, mapped into the noise embedding.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0, augment_dim: int = 0,
                  model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2), channel_mult_emb: int = 4,
                  num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.10,
                  label_dropout: float = 0, embedding_type: str = "positional", channel_mult_noise: int = 1,
-                 encoder_type: str = "standard", decoder_type: str = "standard", resample_filter: Sequence[float] = (1, 1)):
+                 encoder_type: str = "standard", decoder_type: str = "standard", resample_filter: Sequence[float] = (1, 1),
+                 second_time: bool = False):
         for name, value, allowed in [("embedding_type", embedding_type, ("fourier", "positional")),
                                      ("encoder_type", encoder_type, ("standard", "skip", "residual")),
                                      ("decoder_type", decoder_type, ("standard", "skip"))]:
@@ -339,12 +359,15 @@ class SongUNet(nn.Module):
                                                              resample_filter=resample_filter)
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(c, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(c, out_channels, kernel=3, **init_zero)
+        # last, so that every other layer draws the initial weights it draws without it
+        self.map_second_time = second_time_mapping(self.map_noise, noise_channels) if second_time else None
 
-    def embed(self, noise_labels, class_labels, augment_labels) -> torch.Tensor:
+    def embed(self, noise_labels, class_labels, augment_labels, second_time=None) -> torch.Tensor:
         """The conditioning embedding of each sample: [batch, emb_channels]."""
         emb = self.map_noise(noise_labels)
         cos, sin = emb.chunk(2, dim=1)
         emb = torch.cat([sin, cos], dim=1)  # Song et al.'s order: sines first
+        emb = add_second_time(emb, self.map_second_time, second_time)
         if self.map_label is not None:
             labels = drop_labels(class_labels, self.label_dropout, self.training)
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
@@ -358,8 +381,8 @@ class SongUNet(nn.Module):
         return encoder_feature_modules(self.enc, self.dec)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(noise_labels, class_labels, augment_labels)
+                augment_labels: torch.Tensor | None = None, second_time: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(noise_labels, class_labels, augment_labels, second_time)
 
         skips, aux = [], x
         for name, module in self.enc.items():
@@ -393,13 +416,13 @@ class DhariwalUNet(nn.Module):
     """ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis") as EDM re-implements it.
 
     Attention heads have 64 channels each (a level narrower than 64 channels gets no attention). Modules live in
-    ``enc``/``dec`` under EDM's names; the output is ``out_conv(silu(out_norm(x)))``.
+    ``enc``/``dec`` under EDM's names; the output is ``out_conv(silu(out_norm(x)))``. ``second_time`` as in SongUNet.
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0, augment_dim: int = 0,
                  model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_emb: int = 4,
                  num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10,
-                 label_dropout: float = 0):
+                 label_dropout: float = 0, second_time: bool = False):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
@@ -443,10 +466,12 @@ class DhariwalUNet(nn.Module):
                 c = model_channels * mult
         self.out_norm = GroupNorm(c)
         self.out_conv = Conv2d(c, out_channels, kernel=3, **init_zero)
+        # last, so that every other layer draws the initial weights it draws without it
+        self.map_second_time = second_time_mapping(self.map_noise, model_channels) if second_time else None
 
-    def embed(self, noise_labels, class_labels, augment_labels) -> torch.Tensor:
+    def embed(self, noise_labels, class_labels, augment_labels, second_time=None) -> torch.Tensor:
         """The conditioning embedding of each sample: [batch, emb_channels]."""
-        emb = self.map_noise(noise_labels)
+        emb = add_second_time(self.map_noise(noise_labels), self.map_second_time, second_time)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
@@ -459,8 +484,8 @@ class DhariwalUNet(nn.Module):
         return encoder_feature_modules(self.enc, self.dec)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(noise_labels, class_labels, augment_labels)
+                augment_labels: torch.Tensor | None = None, second_time: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(noise_labels, class_labels, augment_labels, second_time)
         skips = []
         for module in self.enc.values():
             x = module(x, emb) if isinstance(module, UNetBlock) else module(x)

@@ -29,7 +29,7 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """MLP on [B, d] vectors, called as ``net(x, c_noise, class_labels)`` like the UNet."""
+    """MLP on [B, d] vectors, called as ``net(x, c_noise, class_labels)`` like the UNet (``second_time`` as there)."""
 
     def __init__(
         self,
@@ -39,10 +39,11 @@ class MLP(nn.Module):
         depth: int = 3,
         dropout: float = 0.0,
         fourier_scale: float = 16.0,
+        second_time: bool = False,
     ):
         super().__init__()
         (dim,) = data_shape
-        self.embed = ConditionEmbedding(width, width, num_classes, fourier_scale)
+        self.embed = ConditionEmbedding(width, width, num_classes, fourier_scale, second_time)
         self.fc_in = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(MLPBlock(width, width, dropout) for _ in range(depth))
         self.norm_out = nn.LayerNorm(width)
@@ -51,9 +52,10 @@ class MLP(nn.Module):
         nn.init.zeros_(self.fc_out.bias)
 
     def forward(
-        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None
+        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+        second_time: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.embed(c_noise, class_labels, guidance)
+        emb = self.embed(c_noise, class_labels, guidance, second_time)
         h = self.fc_in(x)
         for block in self.blocks:
             h = block(h, emb)

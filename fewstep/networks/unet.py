@@ -90,7 +90,8 @@ class UNet(nn.Module):
 
     ``channel_mult`` gives one resolution level each (halving H and W between levels);
     ``attn_levels`` lists the level indices (0 = full resolution) that get self-attention,
-    so a preset works for any input size.
+    so a preset works for any input size. ``second_time`` adds a second scalar input, ``net(x, c_noise, class_labels,
+    second_time=h)`` (MeanFlow's t - r; ``fewstep.networks.embeddings.ConditionEmbedding``).
     """
 
     def __init__(
@@ -103,11 +104,12 @@ class UNet(nn.Module):
         attn_levels: Sequence[int] = (),
         dropout: float = 0.0,
         fourier_scale: float = 16.0,
+        second_time: bool = False,
     ):
         super().__init__()
         in_channels, height, width = data_shape
         emb_channels = 4 * model_channels
-        self.embed = ConditionEmbedding(model_channels, emb_channels, num_classes, fourier_scale)
+        self.embed = ConditionEmbedding(model_channels, emb_channels, num_classes, fourier_scale, second_time)
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         widths = [model_channels * m for m in channel_mult]
@@ -149,9 +151,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(
-        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None
+        self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+        second_time: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.embed(c_noise, class_labels, guidance)
+        emb = self.embed(c_noise, class_labels, guidance, second_time)
         h = self.conv_in(x)
         skips = [h]
         for i, level in enumerate(self.down):
