@@ -27,7 +27,7 @@ NETWORKS = {
 OPTIMIZERS = {f"torch.optim.{name}": ("torch.optim", name) for name in ("Adam", "AdamW", "SGD")}
 SCHEDULERS = {
     f"torch.optim.lr_scheduler.{name}": ("torch.optim.lr_scheduler", name)
-    for name in ("LinearLR", "ConstantLR", "CosineAnnealingLR", "StepLR", "ExponentialLR")
+    for name in ("LinearLR", "ConstantLR", "CosineAnnealingLR", "OneCycleLR", "StepLR", "ExponentialLR")
 }
 DATA = {
     **{f"fewstep.data.{name}": ("fewstep.data", name)

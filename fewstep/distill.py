@@ -183,7 +183,11 @@ def with_ddil(cfg: DictConfig) -> DictConfig:
 def staged(cfg: DictConfig) -> list[int] | None:
     """The step counts of a staged method (fewstep.methods.teacher.Staged), the first teacher's first; else None."""
     cls = get_class(cfg.method._target_)
-    return cls.stage_steps(options(cfg)) if issubclass(cls, Staged) else None
+    if not issubclass(cls, Staged):
+        return None
+    if not cfg.get("debug"):  # trainer=debug gives every stage its few steps
+        cls.stage_lengths(options(cfg))  # a bad steps_per_stage fails now, not after the teacher
+    return cls.stage_steps(options(cfg))
 
 
 def options(cfg: DictConfig) -> dict:
@@ -246,7 +250,7 @@ def train_stages(
     reused); then the end-of-run summary (``fewstep.stage_summary``). Returns the last stage's metrics."""
     cls, method = get_class(cfg.method._target_), options(cfg)
     check_kind(teacher, cls, teacher_path)  # before its settings are read for the first stage
-    steps_per_stage = int(cfg.trainer.max_steps) if cfg.get("debug") else cls.steps_per_stage(method)
+    lengths = [int(cfg.trainer.max_steps)] * (len(stages) - 1) if cfg.get("debug") else cls.stage_lengths(method)
     losses, metrics = {}, {}  # each stage's val/loss, by name
     # the teacher with its own sampler (as its sample grid), each student with the run's
     student_sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
@@ -256,7 +260,7 @@ def train_stages(
         first_sampler = cfg.teacher.get("sampler") if i == 1 else None
         arguments = cls.stage_options(method, teacher, teacher_path, teacher_steps, steps, first_sampler)
         stage_method = OmegaConf.create({"_target_": method["_target_"], "_recursive_": False, **arguments})
-        stage_cfg = derived(cfg, out, stage_method, steps_per_stage, steps, method.get("ema_decay"))
+        stage_cfg = derived(cfg, out, stage_method, lengths[i - 1], steps, method.get("ema_decay"))
         student = cls(net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes, **arguments)
         student.attach_teacher(teacher, path=teacher_path)
         console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")

@@ -36,6 +36,10 @@ EXPLICIT_SIGNATURES: dict[str, dict[str, Any]] = {
     "torch.optim.lr_scheduler.LinearLR": {"start_factor": _FLOAT, "end_factor": _FLOAT, "total_iters": _INT},
     "torch.optim.lr_scheduler.ConstantLR": {"factor": _FLOAT, "total_iters": _INT},
     "torch.optim.lr_scheduler.CosineAnnealingLR": {"T_max": _INT, "eta_min": _FLOAT},
+    "torch.optim.lr_scheduler.OneCycleLR": {
+        "max_lr": _FLOAT, "total_steps": _INT | None, "pct_start": _FLOAT, "anneal_strategy": str,
+        "cycle_momentum": _BOOL, "div_factor": _FLOAT, "final_div_factor": _FLOAT, "three_phase": _BOOL,
+    },
     "torch.optim.lr_scheduler.StepLR": {"step_size": _INT, "gamma": _FLOAT},
     "torch.optim.lr_scheduler.ExponentialLR": {"gamma": _FLOAT},
 }

@@ -238,7 +238,10 @@ def test_bad_stages_teachers_and_process_parameters():
 def test_kac_endpoint_pipeline_trains_its_teacher_then_every_stage(compose_cfg, tmp_path):
     overrides = [
         "method=kac_endpoint", "data=digits", *TINY, f"paths.root={tmp_path}/outputs", "teacher.max_steps=3",
-        "method.stages=[8,4,2,1]", "method.steps_per_stage=2", "callbacks.sample_grid.n=4", *CHECKPOINTS,
+        "method.stages=[8,4,2,1]", "method.steps_per_stage=[2,3,1]", "debug=false", "callbacks.sample_grid.n=4", *CHECKPOINTS,
+        # a schedule over each stage's own length: OneCycleLR's total_steps left to the fit
+        "method.scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "~method.scheduler.start_factor",
+        "~method.scheduler.total_iters", "+method.scheduler.max_lr=1e-3", "+method.scheduler.total_steps=null",
     ]
     cfg = compose_cfg("train", overrides)
     with warnings.catch_warnings():
@@ -248,8 +251,10 @@ def test_kac_endpoint_pipeline_trains_its_teacher_then_every_stage(compose_cfg, 
     teacher = load_method(teacher_ckpt)
     assert isinstance(teacher, KacTeacher) and not isinstance(teacher, KacEndpoint)
     previous = teacher_ckpt
-    for i, steps in enumerate([4, 2, 1], start=1):
+    for i, (steps, length) in enumerate(zip([4, 2, 1], [2, 3, 1]), start=1):
         ckpt = tmp_path / f"stage{i}_{steps}steps" / "checkpoints" / "last.ckpt"
+        saved = read_checkpoint(ckpt)
+        assert saved["global_step"] == length and saved["lr_schedulers"][0]["total_steps"] == length
         student = load_method(ckpt)
         assert isinstance(student, KacEndpoint) and student.hparams.student_steps == steps
         assert student.hparams.teacher_ckpt == str(previous)
@@ -260,11 +265,22 @@ def test_kac_endpoint_pipeline_trains_its_teacher_then_every_stage(compose_cfg, 
         previous = ckpt
 
     # a second run finds the finished teacher instead of training another
-    again = compose_cfg("train", [*overrides, "method.stages=[8,4]", f"paths.output_dir={tmp_path}/again"])
+    again = compose_cfg("train", [*overrides, "method.stages=[8,4]", "method.steps_per_stage=2", f"paths.output_dir={tmp_path}/again"])
     train(again)
     assert len(list((tmp_path / "outputs" / "kac_teacher").glob("digits/*"))) == 1
     student = load_method(tmp_path / "again" / "stage1_4steps" / "checkpoints" / "last.ckpt")
     assert student.hparams.teacher_ckpt == str(teacher_ckpt)
+
+
+def test_stage_lengths_of_the_wrong_count_fail_before_the_teacher_is_trained(compose_cfg, tmp_path):
+    cfg = compose_cfg("train", ["method=kac_endpoint", "data=digits", *TINY, f"paths.root={tmp_path}",
+                                "method.stages=[8,4,2,1]", "method.steps_per_stage=[2,3]", "debug=false"])
+    with pytest.raises(ConfigError, match=r"steps_per_stage=\[2, 3\]: .* per stage \(3 here"):
+        train(cfg)
+    assert not (tmp_path / "kac_teacher").exists()
+    # trainer=debug gives every stage its few steps, whatever the lengths
+    train(compose_cfg("train", ["method=kac_endpoint", "data=digits", *TINY, f"paths.root={tmp_path}",
+                                "method.stages=[4,2,1]", "method.steps_per_stage=[2,3,5]", "summary=false"]))
 
 
 def test_kac_endpoint_under_trainer_debug_trains_a_debug_teacher_then_every_stage(compose_cfg, tmp_path):

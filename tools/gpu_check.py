@@ -97,7 +97,10 @@ FORMATS: dict[str, Callable[[float], str]] = {
 TEACHERS = [name for name, (cls, _) in METHODS.items() if not hasattr(cls, "teacher_kind")]
 STUDENTS = {name: next(t for t in TEACHERS if issubclass(METHODS[t][0], cls.teacher_kind))
             for name, (cls, _) in METHODS.items() if hasattr(cls, "teacher_kind")}
-ONE_STAGE = {"progressive": ["method.end_steps=16"], "kac_endpoint": ["method.stages=[100,20]"]}  # staged methods
+STUDENT_OPTIONS = {  # staged methods: one stage; scm: its teacher's mode (sCD)
+    "progressive": ["method.end_steps=16"], "kac_endpoint": ["method.stages=[100,20]", "method.steps_per_stage=400"],
+    "scm": ["method.mode=scd"],
+}
 
 
 @dataclass(frozen=True)
@@ -738,7 +741,7 @@ def job_memory(settings: Settings, options: dict, clock: Clock, args) -> Iterato
             if method in TEACHERS:  # the default checkpoint callback writes the last.ckpt its students read
                 overrides = [f"method={method}", f"trainer.max_steps={steps}"]
             else:
-                teacher, extra = STUDENTS[method], ONE_STAGE.get(method, [])
+                teacher, extra = STUDENTS[method], STUDENT_OPTIONS.get(method, [])
                 if teacher not in checkpoints:
                     row["peak memory (GiB)"] = f"error: no {teacher} checkpoint (its row failed)"
                     yield row

@@ -37,7 +37,7 @@ from typing import NamedTuple
 from fewstep import layout
 from fewstep.metrics.curves import grid, markdown_table, plot
 
-TABLES = ("teacher", "kac", "gdd", "students")
+TABLES = ("teacher", "kac", "gdd", "students", "kac_budget")
 ODE = ("euler", "heun", "dpmpp_2m")
 LAZY = ("lazy_ode", "lazy_2m")
 SDE = ("seeds3", "seeds2", "euler_maruyama", "edm_sde")
@@ -432,6 +432,69 @@ def table_kac(args, rows: Rows) -> list[str]:
             lines.append(f"| Kac {label} ({nfe} NFE): dark fraction within 1.5x of the EDM teacher's (issue 17) | "
                          f"<= 1.5x | {dark} vs {edm.dark} ({ratio(dark, edm.dark)}x) | {verdict(dark, edm.dark, 1.5)} |")
     return lines
+
+
+# the default run's student budget, allocated otherwise: each candidate names every knob it sets, so that its rows
+# stay what they were when the default moves (docs/reproduction.md, "The default run's student budget")
+CONSTANT_LR = ["method.optimizer.lr=2e-4", "method.scheduler._target_=torch.optim.lr_scheduler.LinearLR",
+               "method.scheduler.start_factor=0.1", "method.scheduler.total_iters=50"]
+
+
+def one_cycle(lr: float) -> list[str]:
+    """A 1/8 warm-up from lr / 10, then a cosine to lr / 1000 at the stage's end (OneCycleLR, total_steps: the stage's)."""
+    return [f"method.optimizer.lr={lr}", "method.scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
+            "~method.scheduler.start_factor", "~method.scheduler.total_iters", f"+method.scheduler.max_lr={lr}",
+            "+method.scheduler.total_steps=null", "+method.scheduler.pct_start=0.125",
+            "+method.scheduler.cycle_momentum=false", "+method.scheduler.div_factor=10",
+            "+method.scheduler.final_div_factor=100"]
+
+
+KAC_CANDIDATES = {
+    "400 each, constant lr 2e-4": ["method.steps_per_stage=400", *CONSTANT_LR],
+    "400 each, one-cycle lr 2e-4": ["method.steps_per_stage=400", *one_cycle(2e-4)],
+    "200/400/500/700, constant lr 2e-4": ["method.steps_per_stage=[200,400,500,700]", *CONSTANT_LR],
+    "400 each, constant lr 5e-4": ["method.steps_per_stage=400", *CONSTANT_LR[1:], "method.optimizer.lr=5e-4"],
+    "300/400/450/600, constant lr 5e-4": ["method.steps_per_stage=[300,400,450,600]", *CONSTANT_LR[1:],
+                                          "method.optimizer.lr=5e-4"],
+}
+
+
+def table_kac_budget(args, rows: Rows) -> list[str]:
+    """DistillKac's students from the kac table's teachers under each of KAC_CANDIDATES (--only: some of them)."""
+    teacher = Run("kac_teacher", lambda seed: method("kac_teacher", args.quick), args.out, args.extra)
+    stages = args.kac_stages
+    names = [name for name in KAC_CANDIDATES if args.only is None or name in args.only]
+    runs = {name: Run(f"kac_budget_{slug(name)}", lambda seed, name=name: [
+        *method("kac_endpoint", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}",
+        f"method.stages=[{','.join(map(str, stages))}]", f"method.rollout_share={KAC_ROLLOUT_SHARE}",
+        "method.ema_decay=0.99", "summary=false",
+        *(KAC_CANDIDATES[name] if not args.quick else quick_lengths(KAC_CANDIDATES[name], args.kac_steps_per_stage)),
+    ], args.out, args.extra) for name in names}
+    for seed in args.seeds:
+        teacher.train(seed)
+        rows.get("teacher", seed, teacher.ckpt(seed), "kac_euler", stages[0], args.n)
+        for name, run in runs.items():
+            run.train(seed)
+            for steps in stages[1:]:
+                rows.get(name, seed, run.ckpt(seed, steps), "kac_euler", steps, args.n)
+    best = stat(rows.select("teacher", "kac_euler"))
+    lines = [f"| candidate | {' | '.join(f'{s} steps: fid_domain (noisy images)' for s in stages[1:])} | "
+             "training, all stages (min per seed) |", "|---|" + "---|" * len(stages)]
+    lines.append(f"| teacher, {stages[0]} steps: {best} | {' | '.join('' for _ in stages[1:])} | |")
+    for name, run in runs.items():
+        cells = [f"{stat(rows.select(name, nfe=s))} ({noisy(rows.select(name, nfe=s))})" for s in stages[1:]]
+        minutes = statistics.fmean(run.seconds(seed) for seed in args.seeds) / 60
+        lines.append(f"| {name} | {' | '.join(cells)} | {minutes:.1f} |")
+    return lines
+
+
+def quick_lengths(overrides: list[str], steps: int) -> list[str]:
+    """A candidate for --quick: its stage lengths replaced by ``steps`` each (the quick run's stages are fewer)."""
+    return [o for o in overrides if not o.startswith("method.steps_per_stage=")] + [f"method.steps_per_stage={steps}"]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^\w]+", "_", text).strip("_")
 
 
 def ratio(ours: Stat, theirs: Stat) -> str:

@@ -156,7 +156,10 @@ class GenerativeMethod(L.LightningModule):
         optimizer = build(self.hparams.optimizer)(self.parameters())
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = build(self.hparams.scheduler)(optimizer)
+        spec = dict(self.hparams.scheduler)
+        if "total_steps" in spec and spec["total_steps"] is None:  # OneCycleLR over this fit: a stage's own length
+            spec["total_steps"] = int(self.trainer.max_steps)
+        scheduler = build(spec)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -47,8 +47,8 @@ class KacEndpoint(Staged, TaughtMethod, KacTeacher):
         return stages
 
     @classmethod
-    def steps_per_stage(cls, options: dict) -> int:
-        return int(options.get("steps_per_stage", 400))
+    def steps_per_stage(cls, options: dict) -> int | list[int]:
+        return options.get("steps_per_stage", [200, 400, 500, 700])
 
     @classmethod
     def stage_settings(cls, teacher, teacher_steps, steps, first_sampler) -> dict:

@@ -93,9 +93,21 @@ class Staged:
         raise NotImplementedError
 
     @classmethod
-    def steps_per_stage(cls, options: dict) -> int:
-        """Training steps of each stage."""
+    def steps_per_stage(cls, options: dict) -> int | list[int]:
+        """Training steps of each stage: one count for every stage, or a list with one per stage."""
         raise NotImplementedError
+
+    @classmethod
+    def stage_lengths(cls, options: dict) -> list[int]:
+        """Each stage's training steps, from ``steps_per_stage``."""
+        stages, length = len(cls.stage_steps(options)) - 1, cls.steps_per_stage(options)
+        lengths = [length] * stages if isinstance(length, int) else list(length)
+        if len(lengths) != stages or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in lengths):
+            raise ConfigError(
+                f"steps_per_stage={length}: give one step count for every stage, or one count >= 1 per stage "
+                f"({stages} here, e.g. [{','.join(['400'] * stages)}])"
+            )
+        return lengths
 
     @classmethod
     def stage_options(cls, options: dict, teacher, teacher_path, teacher_steps: int, steps: int, first_sampler) -> dict:
