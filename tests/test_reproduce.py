@@ -218,3 +218,17 @@ def test_the_protocol_names_only_registered_methods():
 
     assert set(reproduce.BUDGETS) <= set(METHODS)
     assert set(reproduce.QUICK_BUDGETS) <= set(METHODS)
+
+
+@pytest.mark.slow
+def test_the_kac_budget_table_scores_every_candidates_students(tmp_path):
+    only = ["400 each, constant lr 2e-4", "200/400/500/700, constant lr 2e-4"]
+    reproduce.main(["kac_budget", "--quick", "--seeds", "0", "--only", *only, "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "kac_budget.json").read_text())
+    assert {(r["label"], r["nfe_budget"]) for r in saved} == {("teacher", 8), *((name, k) for name in only for k in (4, 2, 1))}
+    assert all(0 <= r["noisy_share"] <= 1 for r in saved)
+    text = (tmp_path / "kac_budget.md").read_text()
+    assert all(f"| {name} |" in text for name in only) and "one-cycle" not in text
+    assert all(f"+method.scheduler.{key}" in " ".join(reproduce.KAC_CANDIDATES["400 each, one-cycle lr 2e-4"])
+               for key in ("max_lr", "total_steps"))
+
