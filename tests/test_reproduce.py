@@ -232,3 +232,15 @@ def test_the_kac_budget_table_scores_every_candidates_students(tmp_path):
     assert all(f"+method.scheduler.{key}" in " ".join(reproduce.KAC_CANDIDATES["400 each, one-cycle lr 2e-4"])
                for key in ("max_lr", "total_steps"))
 
+
+@pytest.mark.slow
+def test_the_continuous_table_trains_scd_sct_and_meanflow_beside_the_consistency_student(tmp_path):
+    reproduce.main(["continuous", "--quick", "--seeds", "0", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "continuous.json").read_text())
+    labels = {(r["label"], r["nfe_budget"]) for r in saved}
+    for name in ("sCD", "sCT", "MeanFlow", "consistency (LCM form)"):
+        assert {(name, 1), (name, 2)} <= labels
+    assert ("teacher, edm_sde", 35) in labels
+    assert [r["sampler_name"] for r in saved if r["label"] == "MeanFlow"] == ["euler", "euler"]
+    text = (tmp_path / "continuous.md").read_text()
+    assert "sCD at 1 step(s) better than the LCM-form consistency student" in text and "MeanFlow at 2 step(s)" in text

@@ -37,7 +37,7 @@ from typing import NamedTuple
 from fewstep import layout
 from fewstep.metrics.curves import grid, markdown_table, plot
 
-TABLES = ("teacher", "kac", "gdd", "students", "kac_budget")
+TABLES = ("teacher", "kac", "gdd", "students", "kac_budget", "continuous")
 ODE = ("euler", "heun", "dpmpp_2m")
 LAZY = ("lazy_ode", "lazy_2m")
 SDE = ("seeds3", "seeds2", "euler_maruyama", "edm_sde")
@@ -57,6 +57,8 @@ BUDGETS = {  # training at the protocol's scale (batch 32); a student's teacher 
     "consistency": ["trainer.max_steps=1200", "callbacks.ema.decay=0.99"],
     "dmd2": ["trainer.max_steps=400", "callbacks.ema.decay=0.99"],
     "kac_endpoint": [],  # --kac-steps-per-stage
+    "scm": [],  # the continuous table gives sCD the consistency student's steps, sCT the teacher's
+    "meanflow": [],
 }
 QUICK_BUDGETS = {"progressive": ["method.steps_per_round=2"]}
 QUICK = [  # a smoke run: seconds per training run
@@ -725,6 +727,59 @@ def table_students(args, rows: Rows) -> list[str]:
     if any(curves.values()):
         figure(curves, args.out / "students.png", "Students: fid_domain against steps (mean ± std over training seeds)",
                xlabel="student steps")
+    return lines
+
+
+CONTINUOUS_STEPS = (1, 2)
+TEACHER_FEW_STEP = (("lazy_ode", 1), ("lazy_ode", 2), ("dpmpp_2m", 2), ("edm_sde", 35), ("heun", 35))
+
+
+def table_continuous(args, rows: Rows) -> list[str]:
+    """sCD from the teacher table's teachers against the students table's consistency distillation (equal training
+    images); sCT and MeanFlow from data at the teacher's budget; the teacher at 1, 2 and 35 NFE."""
+    teacher, consistency = teacher_runs(args), student_runs(args)["consistency"][0]
+    steps = {"scd": BUDGETS["consistency"][0], "data": BUDGETS["edm_teacher"][0]}  # trainer.max_steps=...
+    quick = args.quick
+    runs = {
+        "sCD": Run("scd", lambda seed: [*method("scm", quick), "method.mode=scd", f"teacher.ckpt={teacher.ckpt(seed)}",
+                                        *([] if quick else [steps["scd"], "method.tangent_warmup=300", "callbacks.ema.decay=0.99"])],
+                   args.out, args.extra),
+        "sCT": Run("sct", lambda seed: [*method("scm", quick), *([] if quick else [steps["data"]])], args.out, args.extra),
+        "MeanFlow": Run("meanflow", lambda seed: [*method("meanflow", quick), *([] if quick else [steps["data"]])],
+                        args.out, args.extra),
+    }
+    for seed in args.seeds:
+        teacher.train(seed)
+        for sampler, nfe in TEACHER_FEW_STEP:
+            rows.get(f"teacher, {sampler}", seed, teacher.ckpt(seed), sampler, nfe, args.n)
+        consistency.train(seed)
+        for run in runs.values():
+            run.train(seed)
+        for k in CONTINUOUS_STEPS:
+            rows.get("consistency (LCM form)", seed, consistency.ckpt(seed), "consistency", k, args.n)
+            for name, run in runs.items():
+                rows.get(name, seed, run.ckpt(seed), "euler" if name == "MeanFlow" else "consistency", k, args.n)
+    teachers = list(dict.fromkeys(f"teacher, {sampler}" for sampler, _ in TEACHER_FEW_STEP))
+    labels = [*teachers, "consistency (LCM form)", *runs]
+    lines = ["| model | training | 1 NFE | 2 NFE | 35 NFE |", "|---|---|---|---|---|"]
+    training = {"consistency (LCM form)": "distilled, 1,200 steps", "sCD": "distilled, 1,200 steps",
+                "sCT": "from data, 4,000 steps", "MeanFlow": "from data, 4,000 steps"}
+    for label in labels:
+        cells = [str(stat(rows.select(label, nfe=n))) if rows.select(label, nfe=n) else "" for n in (1, 2, 35)]
+        lines.append(f"| {label} | {training.get(label, 'teacher, 4,000 steps')} | {' | '.join(cells)} |")
+    best = {n: min((stat(rows.select(label, nfe=n)) for label in teachers if rows.select(label, nfe=n)), key=lambda s: s.mean)
+            for n in CONTINUOUS_STEPS}
+    lines += ["", "| claim | ours | verdict |", "|---|---|---|"]
+    for k in CONTINUOUS_STEPS:
+        scd, lcm = stat(rows.select("sCD", nfe=k)), stat(rows.select("consistency (LCM form)", nfe=k))
+        lines.append(f"| sCD at {k} step(s) better than the LCM-form consistency student at equal training images | "
+                     f"{scd} vs {lcm} | {verdict(scd, lcm)} |")
+        for name in ("sCD", "sCT", "MeanFlow"):
+            ours = stat(rows.select(name, nfe=k))
+            lines.append(f"| {name} at {k} step(s) better than the teacher's best sampler at {k} NFE | {ours} vs "
+                         f"{best[k]} | {verdict(ours, best[k])} |")
+    figure({label: {n: stat(rows.select(label, nfe=n)) for n in (1, 2, 35) if rows.select(label, nfe=n)} for label in labels},
+           args.out / "continuous.png", "sCM, MeanFlow and the teacher: fid_domain against NFE (mean ± std over seeds)")
     return lines
 
 
