@@ -217,7 +217,8 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = self.num_channels // 2
-        exponents = torch.arange(half, dtype=torch.float64, device=x.device) / (half - (1 if self.endpoint else 0))
+        dtype = torch.promote_types(x.dtype, torch.float32)  # EDM's float32, float64 for float64 inputs
+        exponents = torch.arange(half, dtype=dtype, device=x.device) / (half - (1 if self.endpoint else 0))
         angles = torch.outer(x, ((1 / self.max_positions) ** exponents).to(x.dtype))
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
