@@ -295,8 +295,9 @@ def run(run_dir, *extra, cwd):
 
 
 def start(run_dir, *extra, cwd):
+    # Ctrl-C as at a terminal: a shell's background job (CI started with &) ignores SIGINT, and children inherit that
     return subprocess.Popen(command(run_dir, *extra), cwd=cwd, env=environment(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(path, process, seconds=240):
