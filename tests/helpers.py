@@ -60,3 +60,31 @@ def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+def fit_to_mixture(method, law, steps: int, lr: float = 3e-3, batch: int = 256, betas=(0.9, 0.999)) -> None:
+    """Train ``method`` on draws of the Gaussian mixture ``law`` for ``steps`` Adam steps (one-cycle schedule), then eval()."""
+    from fewstep.methods import BatchNoise
+
+    optimizer = torch.optim.Adam(method.parameters(), lr=lr, betas=betas)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        loss = method.loss(law.sample(batch, generator)[0].float(), None, BatchNoise.for_step(0, step, batch, "cpu"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    method.eval()
+
+
+def exact_flow_euler_samples(law, nfe: int, n: int) -> torch.Tensor:
+    """Euler from t = 1 to 0 in ``nfe`` steps on the exact velocity of the linear interpolant x_t = (1 - t) x0 + t n
+    of the mixture ``law`` (a perfect flow teacher), in float64."""
+    x = torch.randn(n, law.dim, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grid = torch.linspace(1, 0, nfe + 1, dtype=torch.float64).tolist()
+    for t, r in zip(grid[:-1], grid[1:]):
+        t = min(t, 1 - 1e-9)
+        denoised = law.denoiser(x / (1 - t), torch.full((n,), t / (1 - t), dtype=torch.float64))
+        x = x - (t - r) * (x - denoised) / t
+    return x.float()

@@ -23,7 +23,7 @@ from fewstep.networks.edm import DhariwalUNet, SongUNet
 from fewstep.train import train
 
 from helpers import MLP as MLP_CONFIG
-from helpers import REPO, SHAPE, TINY, UNET, randomize
+from helpers import REPO, SHAPE, TINY, UNET, exact_flow_euler_samples, fit_to_mixture, randomize
 
 # ---------------------------------------------------------------------------------------------------------------
 # The identity at its fixed point: exact average velocities of the linear interpolant z_t = (1 - t) x + t e
@@ -442,37 +442,17 @@ def test_meanflow_ddp_on_two_cpu_processes_matches_one_process_with_the_same_glo
 # One step on the 2-D mixture
 
 
-def flow_euler_samples(mixture: GaussianMixture, nfe: int, n: int) -> torch.Tensor:
-    """Euler on the exact velocity of the mixture (a perfect flow teacher) from t = 1 to 0 in ``nfe`` steps."""
-    v = mixture_velocity(mixture)
-    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    grid = torch.linspace(1, 0, nfe + 1, dtype=torch.float64).tolist()
-    for t, r in zip(grid[:-1], grid[1:]):
-        z = z - (t - r) * v(z, torch.full((n,), min(t, 1 - 1e-9), dtype=torch.float64))
-    return z.float()
-
-
 @pytest.mark.slow
 def test_one_and_two_step_meanflow_samples_of_a_mixture_beat_a_perfect_flow_teacher_s_euler_samples():
     torch.manual_seed(0)
     mixture = GaussianMixture.benchmark(dim=2, modes=8, std=0.1)
     # the paper's CIFAR-10 share of r != t (its ImageNet default, 0.25, learns the long intervals more slowly)
     method = MeanFlow(net={**MLP_CONFIG, "width": 128, "depth": 3}, data_shape=[2], share=0.75, t_mean=-0.4, t_std=1.0)
-    steps, batch = 1000, 256
-    optimizer = torch.optim.Adam(method.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-    generator = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        loss = method.loss(mixture.sample(batch, generator)[0].float(), None, BatchNoise.for_step(0, step, batch, "cpu"))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    method.eval()
+    fit_to_mixture(method, mixture, steps=1000)
     n = 4000
     truth = mixture.sample(n, torch.Generator().manual_seed(5))[0].float()
     for nfe in (1, 2):
         ours = sliced_wasserstein2(generate(method, n, "euler", nfe, seed=100)[0], truth).item()
-        teacher = sliced_wasserstein2(flow_euler_samples(mixture, nfe, n), truth).item()
+        teacher = sliced_wasserstein2(exact_flow_euler_samples(mixture, nfe, n), truth).item()
         print(f"sliced W2^2 at {nfe} NFE: meanflow {ours:.4g}, exact flow with Euler {teacher:.4g} ({teacher / ours:.1f}x)")
         assert ours * 5 < teacher

@@ -18,7 +18,7 @@ from fewstep.methods import SCM, BatchNoise, EDMTeacher
 from fewstep.methods.scm import normalise_tangent, scm_tangent
 from fewstep.processes import trigflow
 
-from helpers import MLP, SHAPE, TINY, UNET, randomize, teacher
+from helpers import MLP, SHAPE, TINY, UNET, exact_flow_euler_samples, fit_to_mixture, randomize, teacher
 
 SD = 0.5
 MU, S = 0.3, 0.2  # Gaussian data N(MU, S^2 I)
@@ -302,17 +302,6 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
             torch.testing.assert_close(two[weights][key], value, rtol=1e-4, atol=1e-5, msg=f"{weights} {key}")
 
 
-def exact_flow_euler_samples(law: GaussianMixture, nfe: int, n: int) -> torch.Tensor:
-    """Euler on the exact velocity of the linear interpolant x_t = (1 - t) x0 + t n (a perfect flow teacher)."""
-    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    grid = torch.linspace(1, 0, nfe + 1, dtype=torch.float64).tolist()
-    for t, r in zip(grid[:-1], grid[1:]):
-        t = min(t, 1 - 1e-9)
-        denoised = law.denoiser(x / (1 - t), torch.full((n,), t / (1 - t), dtype=torch.float64))
-        x = x - (t - r) * (x - denoised) / t
-    return x.float()
-
-
 @pytest.mark.slow
 def test_one_and_two_step_sct_samples_of_a_mixture_beat_a_perfect_flow_teachers_euler_samples():
     from fewstep.generate import generate
@@ -322,17 +311,7 @@ def test_one_and_two_step_sct_samples_of_a_mixture_beat_a_perfect_flow_teachers_
     law = mixture()
     # the paper's c_noise = t at a small Fourier scale (16 makes the tangent's time derivative blow up)
     method = SCM(net={**MLP, "width": 128, "depth": 3, "fourier_scale": 1.0}, data_shape=[2], tangent_warmup=0)
-    steps, batch = 400, 256
-    optimizer = torch.optim.Adam(method.parameters(), lr=3e-3, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-    generator = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        loss = method.loss(law.sample(batch, generator)[0].float(), None, BatchNoise.for_step(0, step, batch, "cpu"))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    method.eval()
+    fit_to_mixture(method, law, steps=400, betas=(0.9, 0.99))
     n = 4000
     truth = law.sample(n, torch.Generator().manual_seed(5))[0].float()
     for nfe in (1, 2):
