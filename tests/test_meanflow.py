@@ -425,19 +425,6 @@ def test_a_meanflow_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_u
                                read_checkpoint(killed_dir / "checkpoints" / "last.ckpt"))
 
 
-@pytest.mark.slow
-def test_meanflow_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path):
-    def run(name, *extra):
-        result = subprocess.run(command(tmp_path / name, "trainer.max_steps=4", "trainer.val_check_interval=4", *extra),
-                                cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
-
-    one = run("one", "data.batch_size=8")
-    two = run("two", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp")  # gloo on CPU
-    assert_same_training_state(one, two, rtol=1e-4, atol=1e-5)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # One step on the 2-D mixture
 
