@@ -150,8 +150,8 @@ def test_an_scd_student_starts_as_its_teachers_denoiser():
     method = SCM(net=UNET, data_shape=SHAPE, mode="scd")
     method.attach_teacher(teacher_)
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
-    for sigma in (0.01, 0.7, 20.0):
-        torch.testing.assert_close(method.denoiser(x, torch.full((4,), sigma)), teacher_.denoiser(x, sigma), rtol=1e-4, atol=1e-5)
+    for sigma in (0.01, 0.7, 20.0):  # float32: the round trip through TrigFlow at sigma = 0.01 moves a pixel by up to 2e-5
+        torch.testing.assert_close(method.denoiser(x, torch.full((4,), sigma)), teacher_.denoiser(x, sigma), rtol=1e-4, atol=5e-5)
 
 
 def test_consistency_sampling_uses_the_papers_grids_at_any_nfe():
