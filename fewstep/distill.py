@@ -221,6 +221,9 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
         return train_stages(cfg, fit, datamodule, teacher, teacher_path, stages, teacher_seconds)
     student = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
     student.attach_teacher(teacher, path=teacher_path)
+    start = student.generator_start()  # e.g. SiDA from a SiD run (a resumed run's checkpoint then replaces it)
+    if start:
+        student.start_generator(load_method(start), start)
     grid_nfe = getattr(student, "sample_grid_nfe", None)  # e.g. a one-step generator
     if grid_nfe is not None and (cfg.get("callbacks") or {}).get("sample_grid"):
         cfg = copy.deepcopy(cfg)

@@ -95,6 +95,9 @@ METHODS = {
     "ddil_consistency": ["method=consistency", "ddil=default", "method.teacher_steps=8", "method.sample_steps=2",
                          "ddil.buffer.refresh_every=2", "ddil.buffer.refresh_size=2"],
     "scd": ["method=scm", "method.mode=scd"],  # sCM from the teacher's PF-ODE
+    "sid": ["method=sid"],
+    "sida": ["method=sida"],
+    "fdistill": ["method=fdistill", "method.critic_steps=1"],
     "ddil_dmd2": ["method=dmd2", "ddil=default", "method.critic_steps=1", "ddil.buffer.refresh_every=2",
                   "ddil.buffer.refresh_size=2"],
 }
@@ -124,6 +127,8 @@ def test_every_distillation_method_trains_from_an_outside_teacher_and_samples(
     # the student runs the teacher's architecture (model=unet_small was replaced by it), not this run's model
     assert student.hparams.net == teacher.hparams.net and type(student.net) is type(teacher.net)
     sampler, nfe = ("euler", 1) if method.startswith("gdd") else ("consistency" if "consistency" in method else "euler", 2)
+    if method in ("sid", "sida", "fdistill"):  # one-step generators
+        sampler, nfe = "consistency", 1
     samples, _, used = generate(student, 2, sampler, nfe)
     assert used == nfe and samples.shape == (2, 3, 8, 8) and torch.isfinite(samples).all()
 

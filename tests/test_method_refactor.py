@@ -132,7 +132,10 @@ def test_three_steps_give_the_weights_they_gave_before(case, before):
     stored = {key.partition("/")[2]: value for key, value in before.items() if key.partition("/")[0] == case}
     assert weights.keys() == stored.keys()
     for key, value in weights.items():
-        torch.testing.assert_close(value, stored[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{case} {key}: {m}")
+        if case.startswith("dmd2"):  # DMD2 on the fake-score engine: bit for bit what it trained to before the engine
+            assert torch.equal(value, stored[key]), f"{case} {key}: not bit-identical"
+        else:
+            torch.testing.assert_close(value, stored[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{case} {key}: {m}")
 
 
 # -- one registry ----------------------------------------------------------------------------------------------

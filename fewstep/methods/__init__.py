@@ -8,6 +8,7 @@ from fewstep.methods.base import GenerativeMethod
 from fewstep.methods.consistency import Consistency
 from fewstep.methods.dmd2 import DMD2
 from fewstep.methods.edm_teacher import EDMTeacher
+from fewstep.methods.fdistill import FDistill
 from fewstep.methods.flow_teacher import FlowTeacher
 from fewstep.methods.gdd import GDD
 from fewstep.methods.kac_endpoint import KacEndpoint
@@ -16,6 +17,7 @@ from fewstep.methods.meanflow import MeanFlow
 from fewstep.methods.noise import BatchNoise
 from fewstep.methods.progressive import Progressive
 from fewstep.methods.scm import SCM
+from fewstep.methods.sid import SiD, SiDA
 
 METHODS = {
     "edm_teacher": (EDMTeacher, "Karras et al., Elucidating the Design Space of Diffusion-Based Generative Models, 2022"),
@@ -26,6 +28,9 @@ METHODS = {
     "progressive": (Progressive, "Salimans & Ho, Progressive Distillation for Fast Sampling of Diffusion Models, 2022"),
     "consistency": (Consistency, "Song et al., Consistency Models, 2023; Luo et al., Latent Consistency Models, arXiv 2310.04378"),
     "dmd2": (DMD2, "Yin et al., Improved Distribution Matching Distillation (DMD2), arXiv 2405.14867"),
+    "sid": (SiD, "Zhou et al., Score identity Distillation (SiD), arXiv 2404.04057"),
+    "sida": (SiDA, "Zhou et al., Adversarial Score identity Distillation (SiDA), arXiv 2410.14919"),
+    "fdistill": (FDistill, "Xu et al., One-step Diffusion Models with f-Divergence Distribution Matching, arXiv 2502.15681"),
     "meanflow": (MeanFlow, "Geng et al., Mean Flows for One-step Generative Modeling, arXiv 2505.13447"),
     "scm": (SCM, "Lu & Song, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models (sCM), arXiv 2410.11081"),
 }
@@ -43,6 +48,7 @@ def register_method(name: str, cls: type, paper: str) -> None:
 
 
 __all__ = [
-    "METHODS", "BatchNoise", "GenerativeMethod", "Consistency", "DMD2", "EDMTeacher", "FlowTeacher", "GDD", "KacEndpoint", "KacTeacher",
-    "MeanFlow", "Progressive", "SCM", "register_method",
+    "METHODS", "BatchNoise", "GenerativeMethod", "Consistency", "DMD2", "EDMTeacher", "FDistill", "FlowTeacher", "GDD",
+    "KacEndpoint", "KacTeacher",
+    "MeanFlow", "Progressive", "SCM", "SiD", "SiDA", "register_method",
 ]

@@ -94,6 +94,11 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
     def teacher_denoise(self, x, sigma, class_labels=None, guidance=None) -> torch.Tensor:
         """The teacher's x0 prediction, with classifier-free guidance (1 + w) D(.|y) - w D(.|empty) when
         conditional (w a float or one per sample; default ``guidance``), reflected to the data range under DDIL."""
+        return self.teacher_prediction(x, sigma, class_labels, guidance)
+
+    def teacher_prediction(self, x, sigma, class_labels=None, guidance=None) -> torch.Tensor:
+        """``teacher_denoise`` differentiable in ``x`` (the teacher's weights stay frozen): for losses whose gradient
+        passes through the teacher's prediction at the generator's samples (SiD)."""
         w = self.hparams.guidance if guidance is None else guidance
         if class_labels is None:
             denoised = self.teacher.denoiser(x, sigma, None)

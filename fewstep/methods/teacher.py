@@ -56,6 +56,14 @@ class TaughtMethod:
     def teacher_attached(self, teacher) -> None:
         """Hook for what a method builds from the teacher (target network, critic, discriminator backbone)."""
 
+    def generator_start(self) -> str | None:
+        """A checkpoint whose model the student starts from instead of the teacher (SiDA: a SiD run), or None."""
+        return None
+
+    def start_generator(self, model, path) -> None:
+        """Start the student from ``model``, read from ``generator_start()``; after ``attach_teacher``."""
+        raise NotImplementedError
+
     def require_teacher(self) -> None:
         """One line unless the teacher is attached; a method that only starts from it (``keeps_teacher`` False) needs
         none when its run resumes from a checkpoint."""
