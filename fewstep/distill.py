@@ -20,6 +20,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class, instantiate
@@ -219,6 +220,7 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
     cfg = with_teacher_network(cfg, teacher)
     if stages:
         return train_stages(cfg, fit, datamodule, teacher, teacher_path, stages, teacher_seconds)
+    seed_initialisation(cfg)
     student = instantiate(cfg.method, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
     student.attach_teacher(teacher, path=teacher_path)
     start = student.generator_start()  # e.g. SiDA from a SiD run (a resumed run's checkpoint then replaces it)
@@ -229,6 +231,13 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
         cfg = copy.deepcopy(cfg)
         cfg.callbacks.sample_grid.nfe = grid_nfe
     return fit(cfg, method=student, datamodule=with_rollouts(cfg, datamodule))
+
+
+def seed_initialisation(cfg: DictConfig) -> None:
+    """Seed the student's initial weights (a GAN head, a fake score's): the same whether or not this process
+    trained the teacher first, so that a resumed run (which finds the teacher) starts as the first run did."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
 
 
 def with_teacher_network(cfg: DictConfig, teacher) -> DictConfig:
@@ -264,6 +273,7 @@ def train_stages(
         arguments = cls.stage_options(method, teacher, teacher_path, teacher_steps, steps, first_sampler)
         stage_method = OmegaConf.create({"_target_": method["_target_"], "_recursive_": False, **arguments})
         stage_cfg = derived(cfg, out, stage_method, lengths[i - 1], steps, method.get("ema_decay"))
+        seed_initialisation(cfg)
         student = cls(net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes, **arguments)
         student.attach_teacher(teacher, path=teacher_path)
         console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")

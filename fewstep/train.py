@@ -109,8 +109,11 @@ def fit_here(cfg: DictConfig, method: L.LightningModule | None, datamodule) -> d
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     # a TensorBoardLogger becomes fewstep's GuardedTensorBoardLogger: a full disk is one warning, not a traceback
     loggers = [instantiate(c, **rundir.logger_target(c)) for c in (cfg.get("logger") or {}).values() if c is not None]
+    # a GAN's two updates each leave the other network's parameters out of the graph, which DDP must be told
+    unused = {"strategy": "ddp_find_unused_parameters_true"} if (
+        cfg.trainer.get("strategy") == "ddp" and getattr(method, "ddp_unused_parameters", False)) else {}
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **unused
     )
     # weights_only: fewstep's checkpoints hold tensors and plain containers only, and no file runs code here
     trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

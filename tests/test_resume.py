@@ -38,21 +38,28 @@ def assert_same_training_state(a: dict, b: dict) -> None:
     assert a["global_step"] == b["global_step"]
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        for key in sa:
-            torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
+    assert len(a["optimizer_states"]) == len(b["optimizer_states"])
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"]):  # a GAN's two optimisers
+        for sa, sb in zip(oa["state"].values(), ob["state"].values()):
+            for key in sa:
+                torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0)
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    whole = subprocess.run(command(tmp_path / "whole"), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("method", [  # sida: a generator, a fake score, a GAN head and two optimisers
+    [], ["method=sida", "teacher.max_steps=2", "trainer.max_steps=30"],
+], ids=["edm_teacher", "sida"])
+def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, method):
+    steps = int(next((o.split("=")[1] for o in method if o.startswith("trainer.max_steps=")), 12))
+    whole = subprocess.run(command(tmp_path / "whole", *method), cwd=tmp_path, env=environment(), capture_output=True,
+                           text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    # the same run, killed with SIGKILL once its first checkpoints exist; slow validations (a 200-NFE sample
-    # grid) leave time to kill it before the end
+    # the same run (a student: with the teacher the first run trained), killed with SIGKILL once its first checkpoints
+    # exist; slow validations (a 200-NFE sample grid, or a student's many steps) leave time to kill it before the end
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        command(killed_dir, "callbacks.sample_grid.nfe=200"), cwd=tmp_path, env=environment(),
+        command(killed_dir, *method, "callbacks.sample_grid.nfe=200"), cwd=tmp_path, env=environment(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
@@ -64,10 +71,11 @@ def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrup
     reached = read_checkpoint(latest_checkpoint(killed_dir / "checkpoints"))["global_step"]
     # killed mid-run; on a loaded machine the kill can land while step 4's file is still being written, and
     # last.ckpt, which the run continues from, still holds step 2
-    assert 2 <= reached < 12
+    assert 2 <= reached < steps
 
     resumed = subprocess.run(
-        command(killed_dir, "resume=auto"), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300
+        command(killed_dir, *method, "resume=auto"), cwd=tmp_path, env=environment(), capture_output=True, text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing from" in resumed.stdout
@@ -184,6 +192,8 @@ def test_resume_auto_continues_a_staged_pipeline_at_its_unfinished_stage(compose
 @pytest.mark.parametrize("method", [  # scm: its tangent's warm-up inside the 4 steps, so that the whole loss is compared
     ["method=edm_teacher"], ["method=flow_teacher"], ["method=kac_teacher"], ["method=meanflow"],
     ["method=scm", "method.tangent_warmup=2"],
+    # global batch means: SiDA's adversarial weights, f-distill's density-ratio weights
+    ["method=sida", "teacher.max_steps=2"], ["method=fdistill", "method.critic_steps=2", "teacher.max_steps=2"],
 ], ids=lambda overrides: overrides[0].split("=")[1])
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, method):
     def run(name, *extra):
@@ -195,7 +205,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
         return read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
 
     one = run("one", "data.batch_size=8")
-    two = run("two", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp")  # gloo on CPU
+    # a student takes the teacher "one" trained (another batch size is other data to the teacher search)
+    teacher = [f"teacher.ckpt={one['hyper_parameters']['teacher_ckpt']}"] if "teacher_ckpt" in one["hyper_parameters"] else []
+    two = run("two", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp", *teacher)  # gloo on CPU
     assert one["global_step"] == two["global_step"] == 4
     for weights in ("state_dict", "current_model_state"):  # the EMA weights and the trained ones
         for key, value in one[weights].items():  # the same data and noise; only the gradient sum's order differs

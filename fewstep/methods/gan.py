@@ -103,6 +103,7 @@ class AdversarialTraining:
 
     adam: dict  # the method's default optimiser config, for either side
     optimizer_keys = ("optimizer_g", "optimizer_d")  # the hyperparameters of the generator's and the critic's
+    ddp_unused_parameters = True  # each update's graph leaves out the other side's parameters (fewstep.train)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
