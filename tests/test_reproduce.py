@@ -244,3 +244,54 @@ def test_the_continuous_table_trains_scd_sct_and_meanflow_beside_the_consistency
     assert [r["sampler_name"] for r in saved if r["label"] == "MeanFlow"] == ["euler", "euler"]
     text = (tmp_path / "continuous.md").read_text()
     assert "sCD at 1 step(s) better than the LCM-form consistency student" in text and "MeanFlow at 2 step(s)" in text
+
+
+def test_the_fakescore_students_share_one_budget_the_teachers_and_the_learning_rates(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "FAKESCORE_LR", ["method.optimizer.lr=5e-5", "method.optimizer_critic.lr=5e-5"])
+    args = reproduce.parse_args(["fakescore", "--out", str(tmp_path)])
+    teacher, runs = reproduce.teacher_runs(args), reproduce.fakescore_runs(args)
+    overrides = {label: run.overrides(0) for label, run in runs.items()}
+    assert {label: o[0] for label, o in overrides.items()} == {
+        "DMD2": "method=dmd2", "SiD": "method=sid", "SiDA": "method=sida", "f-distill, JS": "method=fdistill",
+        "f-distill, reverse KL": "method=fdistill"}
+    assert "method.divergence=js" in overrides["f-distill, JS"]
+    assert "method.divergence=reverse_kl" in overrides["f-distill, reverse KL"]
+    assert runs["DMD2"].name != reproduce.student_runs(args)["dmd2_1"][0].name  # its own run: checkpoints every 100 steps
+    for o in overrides.values():
+        assert [x for x in o if x.startswith(("trainer.", "callbacks."))] == [
+            "trainer.max_steps=400", "callbacks.ema.decay=0.99", "trainer.val_check_interval=100"]
+        assert f"teacher.ckpt={teacher.ckpt(0)}" in o
+        assert o[-2:] == ["method.optimizer.lr=5e-5", "method.optimizer_critic.lr=5e-5"]
+    quick = reproduce.fakescore_runs(reproduce.parse_args(["fakescore", "--quick", "--out", str(tmp_path)]))
+    assert not any(x.startswith("trainer.") for run in quick.values() for x in run.overrides(0))  # QUICK's steps
+
+
+def test_sid_improves_fast_when_half_its_fall_comes_in_its_first_interval():
+    def curve(*means):
+        return {100 * (i + 1): reproduce.Stat([m - 0.5, m, m + 0.5], 0.5) for i, m in enumerate(means)}
+
+    assert reproduce.fast_start(curve(100, 40, 25, 20))[1] == "met"  # exponential
+    assert reproduce.fast_start(curve(100, 80, 60, 40))[1] == "missed"  # linear: a third of the fall by the second
+    assert reproduce.fast_start(curve(100, 100.2, 99.8, 100))[1] == "within noise"  # no fall
+    assert reproduce.fast_start(curve(40, 60, 80, 100))[1] == "missed"  # worse
+    assert reproduce.fast_start(curve(100, 40))[1] == "no verdict (fewer than 3 checkpoints)"
+
+
+@pytest.mark.slow
+def test_the_fakescore_table_scores_each_students_checkpoints_beside_gdd_and_the_teacher(tmp_path):
+    gdd = [{"label": f"GDD @ {step}", "train_seed": 0, "sampler_name": "euler", "nfe_budget": 1, "n": 16, "value": value,
+            "values": [value, value + 1], "ckpt": str(tmp_path / "gone" / f"step_{step}.ckpt")}
+           for step, value in ((500, 90.0), (1000, 60.0))]
+    (tmp_path / "gdd.json").write_text(json.dumps(gdd))
+    reproduce.main(["fakescore", "--quick", "--seeds", "0", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "fakescore.json").read_text())
+    assert {(r["label"], r["sampler_name"], r["nfe_budget"]) for r in saved} == {
+        *((f"{label} @ 2", "consistency", 1) for label in reproduce.FAKESCORE_METHODS), ("teacher", "edm_sde", 35)}
+    text = (tmp_path / "fakescore.md").read_text()
+    for label in (*reproduce.FAKESCORE_METHODS, "GDD (gdd table)", "teacher, no teacher table (edm_sde, 35 NFE)"):
+        assert f"| {label} |" in text
+    for claim in ("| SiD improves fast in its first images |", "| SiDA at one step at or below the teacher's best sampler",
+                  "| f-distill with JS at or below f-distill with reverse KL", "| SiD at or below DMD2 at equal training images"):
+        assert claim in text
+    assert "no verdict (fewer than 3 checkpoints)" in text  # one checkpoint per quick run
+    assert (tmp_path / "fakescore.png").is_file()

@@ -3,8 +3,10 @@
     python tools/reproduce.py TABLE [--seeds 0 1 2] [--n 1000] [--out docs/reproduction] [--set KEY=VALUE ...]
 
 TABLE is one of ``teacher`` (the EDM teacher's samplers and the k-diffusion SDE peers: SEEDS, lazy schedules),
-``kac`` (DistillKac), ``gdd`` (GDD and GDD-I) and ``students`` (progressive, consistency and DMD2, each with and
-without DDIL); ``gdd`` and ``students`` distil the ``teacher`` table's teachers, ``kac`` trains its own.
+``kac`` (DistillKac), ``gdd`` (GDD and GDD-I), ``students`` (progressive, consistency and DMD2, each with and
+without DDIL), ``kac_budget`` (DistillKac's student budgets), ``continuous`` (sCD, sCT and MeanFlow) and ``fakescore``
+(DMD2, SiD, SiDA and f-distill on one fake-score engine, against training images); ``gdd``, ``students``,
+``continuous`` and ``fakescore`` distil the ``teacher`` table's teachers, ``kac`` and ``kac_budget`` train their own.
 
 Every training run is ``python -m fewstep.train experiment=repro seed=S data.seed=S ...`` (conf/experiment/repro.yaml:
 MNIST-5k at 16 x 16, unet_small) in ``OUT/runs/<run>/seed<S>``; a finished run (its ``DONE`` file) is reused and an
@@ -37,7 +39,7 @@ from typing import NamedTuple
 from fewstep import layout
 from fewstep.metrics.curves import grid, markdown_table, plot
 
-TABLES = ("teacher", "kac", "gdd", "students", "kac_budget", "continuous")
+TABLES = ("teacher", "kac", "gdd", "students", "kac_budget", "continuous", "fakescore")
 ODE = ("euler", "heun", "dpmpp_2m")
 LAZY = ("lazy_ode", "lazy_2m")
 SDE = ("seeds3", "seeds2", "euler_maruyama", "edm_sde")
@@ -59,6 +61,10 @@ BUDGETS = {  # training at the protocol's scale (batch 32); a student's teacher 
     "kac_endpoint": [],  # --kac-steps-per-stage
     "scm": [],  # the continuous table gives sCD the consistency student's steps, sCT the teacher's
     "meanflow": [],
+    # the fakescore table's, DMD2's budget (that table adds a checkpoint every 100 steps to all five runs)
+    "sid": ["trainer.max_steps=400", "callbacks.ema.decay=0.99"],
+    "sida": ["trainer.max_steps=400", "callbacks.ema.decay=0.99"],
+    "fdistill": ["trainer.max_steps=400", "callbacks.ema.decay=0.99"],
 }
 QUICK_BUDGETS = {"progressive": ["method.steps_per_round=2"]}
 QUICK = [  # a smoke run: seconds per training run
@@ -527,6 +533,17 @@ def best_edm_teacher(args) -> BestCell | None:
     return BestCell.of(*key, teacher.select("teacher", *key))
 
 
+def teacher_reference(args, rows: Rows, teacher: Run) -> tuple[BestCell, str]:
+    """The teacher table's best cell and "best sampler"; without a teacher table at this scale (another --out), EDM's
+    stochastic sampler at 35 NFE, evaluated into ``rows``, and "no teacher table"."""
+    edm = best_edm_teacher(args)
+    if edm is not None:
+        return edm, "best sampler"
+    for seed in args.seeds:
+        rows.get("teacher", seed, teacher.ckpt(seed), "edm_sde", 35, args.n)
+    return BestCell.of("edm_sde", 35, rows.select("teacher", "edm_sde", 35)), "no teacher table"
+
+
 def gdd_runs(args) -> dict[int, Run]:
     """The GDD run of each freezing level, from the teacher table's teacher; ``--gdd-set`` reaches these only."""
     teacher = teacher_runs(args)
@@ -547,11 +564,7 @@ def table_gdd(args, rows: Rows) -> list[str]:
                 steps.add(step)
                 rows.get(f"{gdd_label(level)} @ {step}", seed, ckpt, "euler", 1, args.n)
                 rows.get(f"{gdd_label(level)}{RAW} @ {step}", seed, ckpt, "euler", 1, args.n, weights="raw")
-    edm, which = best_edm_teacher(args), "best sampler"
-    if edm is None:  # no teacher table at this scale (another --out): EDM's stochastic sampler at 35 NFE stands in
-        for seed in args.seeds:
-            rows.get("teacher", seed, teacher.ckpt(seed), "edm_sde", 35, args.n)
-        edm, which = BestCell.of("edm_sde", 35, rows.select("teacher", "edm_sde", 35)), "no teacher table"
+    edm, which = teacher_reference(args, rows, teacher)
     best_sampler, best_nfe, _, best = edm
     steps = sorted(steps)
     batch = images_per_step(teacher.dir(args.seeds[0]))
@@ -780,6 +793,123 @@ def table_continuous(args, rows: Rows) -> list[str]:
                          f"{best[k]} | {verdict(ours, best[k])} |")
     figure({label: {n: stat(rows.select(label, nfe=n)) for n in (1, 2, 35) if rows.select(label, nfe=n)} for label in labels},
            args.out / "continuous.png", "sCM, MeanFlow and the teacher: fid_domain against NFE (mean ± std over seeds)")
+    return lines
+
+
+# every method at DMD2's learning rate: SiD's and SiDA's own (1e-5) is made for 300-500M images at batch 256, and this
+# budget is 12,800 images
+FAKESCORE_LR = ["method.optimizer.lr=5e-5", "method.optimizer_critic.lr=5e-5"]
+FAKESCORE_CHECKPOINTS = ["trainer.val_check_interval=100"]  # every 100 steps: a curve of 4 points over the 400-step budget
+FAKESCORE_METHODS = {  # row label -> (run name, method, its options)
+    "DMD2": ("fs_dmd2", "dmd2", ["method.student_steps=1"]),
+    "SiD": ("fs_sid", "sid", []),
+    "SiDA": ("fs_sida", "sida", []),
+    "f-distill, JS": ("fs_fdistill_js", "fdistill", ["method.divergence=js"]),
+    "f-distill, reverse KL": ("fs_fdistill_reverse_kl", "fdistill", ["method.divergence=reverse_kl"]),
+}
+
+
+def fakescore_runs(args) -> dict[str, Run]:
+    """The fakescore table's one-step students by row label, each from the teacher table's teacher of its seed, at one
+    budget of training images with a checkpoint every 100 steps (--quick: QUICK's two steps and one checkpoint)."""
+    teacher = teacher_runs(args)
+    checkpoints = [] if args.quick else FAKESCORE_CHECKPOINTS
+    return {label: Run(name, lambda seed, m=method_name, o=options: [
+        *method(m, args.quick), *o, *checkpoints, f"teacher.ckpt={teacher.ckpt(seed)}", *FAKESCORE_LR], args.out, args.extra)
+        for label, (name, method_name, options) in FAKESCORE_METHODS.items()}
+
+
+def checkpoint_curve(rows: Rows, label: str) -> dict[int, Stat]:
+    """The rows ``<label> @ <step>`` of the selected seeds as a curve over training steps."""
+    steps = sorted({int(r["label"].rsplit(" @ ", 1)[1]) for r in rows.rows if r["label"].startswith(f"{label} @ ")
+                    and (rows.seeds is None or r["train_seed"] in rows.seeds)})
+    return {step: stat(rows.select(f"{label} @ {step}")) for step in steps}
+
+
+def fast_start(curve: dict[int, Stat]) -> tuple[str, str]:
+    """SiD's "exponentially fast" start, as (ours, verdict): the last checkpoint below the first beyond noise, and the
+    second already at or below the midpoint of the first and the last (half the fall made in the first interval)."""
+    if len(curve) < 3:
+        return f"{len(curve)} checkpoint(s)", "no verdict (fewer than 3 checkpoints)"
+    steps = sorted(curve)
+    first, second, last = curve[steps[0]], curve[steps[1]], curve[steps[-1]]
+    midpoint = (first.mean + last.mean) / 2
+    ours = f"{first} -> {second} -> {last} (midpoint {midpoint:.3g})"
+    fell = verdict(last, first)
+    if fell != "met":  # no fall beyond noise (or a rise): nothing fast to see
+        return ours, fell
+    return ours, "met" if second.mean <= midpoint else "missed"
+
+
+def table_fakescore(args, rows: Rows) -> list[str]:
+    """One-step fid_domain of every kept checkpoint of DMD2, SiD, SiDA and f-distill (JS, reverse KL), distilled from
+    the teacher table's teachers at equal training images; GDD's curve (the gdd table's rows, when saved) and the
+    teacher's best sampler beside them."""
+    teacher, runs = teacher_runs(args), fakescore_runs(args)
+    for seed in args.seeds:
+        teacher.train(seed)
+        for label, run in runs.items():
+            run.train(seed)
+            for step, ckpt in layout.kept_checkpoints(run.dir(seed)).items():
+                rows.get(f"{label} @ {step}", seed, ckpt, "consistency", 1, args.n)
+    (best_sampler, best_nfe, _, best), which = teacher_reference(args, rows, teacher)
+    batch = images_per_step(teacher.dir(args.seeds[0]))  # every run here trains at the protocol's batch
+    steps = {label: checkpoint_curve(rows, label) for label in runs}
+    curves = {label: {step * batch: value for step, value in curve.items()} for label, curve in steps.items()}
+    gdd_rows = Rows(args.out / "gdd.json", args.seeds)
+    gdd = checkpoint_curve(gdd_rows, "GDD")
+    if gdd:  # the gdd table's runs, which may be gone: their batch from the run of a saved checkpoint, if still there
+        run = layout.run_of_checkpoint(gdd_rows.select(f"GDD @ {min(gdd)}")[0]["ckpt"])
+        gdd_batch = images_per_step(run) if run is not None else batch
+        curves["GDD (gdd table)"] = {step * gdd_batch: value for step, value in gdd.items()}
+    teacher_images = max(layout.kept_checkpoints(teacher.dir(args.seeds[0]))) * batch
+    columns = sorted({images for curve in curves.values() for images in curve} | {teacher_images})
+    lines = ["| model | " + " | ".join(f"{images / 1000:g}k" for images in columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, curve in curves.items():
+        lines.append(f"| {label} | " + " | ".join(str(curve[c]) if c in curve else "" for c in columns) + " |")
+    lines.append(f"| teacher, {which} ({best_sampler}, {best_nfe} NFE) | "
+                 + " | ".join(str(best) if c == teacher_images else "" for c in columns) + " |")
+    budget = max((max(curve) for curve in steps.values() if curve), default=0)
+    spreads = [v.spread for curve in curves.values() for v in curve.values() if math.isfinite(v.spread)] or [float("nan")]
+    lines += ["", f"One-step fid_domain (EMA weights, the consistency sampler at 1 NFE) against the training images seen "
+              f"({batch} a step), mean ± std over training seeds: every method {budget} steps from the same seed's teacher, "
+              f"scored at each kept checkpoint; the teacher at the images it trained on. The metric's own sampling "
+              f"spread (one set of n images) is {min(spreads):.2g}-{max(spreads):.2g}. SiD improves fast when its last "
+              "checkpoint is below its first beyond noise and its second is already at or below the midpoint of the two "
+              "(half the fall in the first interval: an exponential fall keeping under 62% of its gap per interval does "
+              "this, a linear one makes a third).",
+              "", "| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    if steps["SiD"]:
+        ours, judged = fast_start(steps["SiD"])
+        lines.append(f"| SiD improves fast in its first images | FID falls exponentially fast | {ours} | {judged} |")
+
+    def final_rows(label: str, other: str) -> tuple[int, list[dict], list[dict]] | None:
+        """Both labels' rows at the last checkpoint they share, on the seeds they share."""
+        shared = set(steps[label]) & set(steps[other])
+        if not shared:
+            return None
+        return max(shared), *same_seeds(rows.select(f"{label} @ {max(shared)}"), rows.select(f"{other} @ {max(shared)}"))
+
+    if steps["SiDA"]:
+        final = max(steps["SiDA"])
+        sida = steps["SiDA"][final]
+        lines.append(f"| SiDA at one step at or below the teacher's best sampler, at the end ({final * batch / 1000:g}k "
+                     f"images) | 1.50 on CIFAR-10 (unconditional), below its teacher | {sida} vs {best} | "
+                     f"{verdict(sida, best)} |")
+    for ours_label, theirs_label, claim, paper in (
+            ("f-distill, JS", "f-distill, reverse KL", "f-distill with JS at or below f-distill with reverse KL",
+             "JS below reverse KL (f-distill: 1.92 on CIFAR-10)"),
+            ("SiD", "DMD2", "SiD at or below DMD2 at equal training images", "1.92 vs DMD's 3.77 (CIFAR-10, unconditional)")):
+        found = final_rows(ours_label, theirs_label)
+        if found and found[1]:
+            final, ours, theirs = found
+            lines.append(f"| {claim}, at the end ({final * batch / 1000:g}k images, same seeds) | {paper} | "
+                         f"{stat(ours)} vs {stat(theirs)} | {verdict(stat(ours), stat(theirs))} |")
+    span = sorted({images for curve in curves.values() for images in curve})
+    figure({**{label: {images / 1000: value for images, value in curve.items()} for label, curve in curves.items()},
+            f"teacher, {best_sampler} at {best_nfe} NFE ({teacher_images / 1000:g}k images)": {images / 1000: best for images in span}},
+           args.out / "fakescore.png", "Fake-score students: one-step fid_domain (mean ± std)",
+           xlabel="training images (thousands)", xscale="linear")
     return lines
 
 

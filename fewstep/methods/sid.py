@@ -80,15 +80,17 @@ class SiDA(SiD):
     discriminator. The generator adds ``gan_weight`` times the non-saturating loss of its noised samples, averaged
     over the batch and then weighted per sample by SiD's normaliser (the batch-averaged "fakeness" joins every
     sample's loss); the fake denoiser adds ``critic_gan_weight`` times the discriminator's loss on real and generated
-    images noised with its own denoising loss's sigma and noise, weighted by EDM's lambda(sigma). ``sid_ckpt`` starts
-    the generator from a trained SiD run.
+    images noised with its own denoising loss's sigma and noise, weighted by EDM's lambda(sigma) and divided by the
+    coordinates of an image (the authors' code sums the denoising loss over coordinates, the discriminator's not), so
+    that both weights are the authors' (gan_weight = 0.01 / 100, critic_gan_weight = 1) at any image size; alpha 1,
+    theirs for SiDA. ``sid_ckpt`` starts the generator from a trained SiD run.
     """
 
     critic_name = "fake score and discriminator"
 
-    def __init__(self, *args, gan_weight: float = 1.0, critic_gan_weight: float = 1.0, sid_ckpt: str | None = None,
-                 **kwargs):
-        super().__init__(*args, gan_weight=gan_weight, critic_gan_weight=critic_gan_weight, **kwargs)
+    def __init__(self, *args, alpha: float = 1.0, gan_weight: float = 1e-4, critic_gan_weight: float = 1.0,
+                 sid_ckpt: str | None = None, **kwargs):
+        super().__init__(*args, alpha=alpha, gan_weight=gan_weight, critic_gan_weight=critic_gan_weight, **kwargs)
         self.save_hyperparameters("sid_ckpt")
         if not (gan_weight > 0 and critic_gan_weight > 0):
             raise ConfigError("sida needs its adversarial term: method.gan_weight and method.critic_gan_weight must be "
@@ -118,12 +120,12 @@ class SiDA(SiD):
 
     def discriminator_loss(self, fake, x_real, class_labels, rng, sigma, noise) -> torch.Tensor:
         """(BCE(D(x_real + sigma n), 1) + BCE(D(G + sigma n), 0)) / 2, batch means, times the batch mean of
-        lambda(sigma): the denoising loss's sigma and noise for both."""
+        lambda(sigma), per coordinate of an image: the denoising loss's sigma and noise for both."""
         shaped = batch_view(sigma, fake)
         logits_fake = self.gan_logits(fake + shaped * noise, sigma, class_labels)
         logits_real = self.gan_logits(x_real + shaped * noise, sigma, class_labels)
         bce = (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()) / 2
-        return bce * self.global_mean(edm_loss_weight(sigma, self.hparams.sigma_data))
+        return bce * self.global_mean(edm_loss_weight(sigma, self.hparams.sigma_data)) / fake[0].numel()
 
 
 __all__ = ["SiD", "SiDA", "score_identity_loss"]
