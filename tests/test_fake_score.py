@@ -212,7 +212,7 @@ def test_sida_starts_from_a_sid_run_and_refuses_another_method_s(tmp_path):
     sida.start_generator(load_method(tmp_path / "sid.ckpt"), tmp_path / "sid.ckpt")
     for ours, theirs in zip(sida.net.state_dict().values(), sid.net.state_dict().values()):
         assert torch.equal(ours, theirs)
-    with pytest.raises(CheckpointError, match="is a DMD2 run, not a method=sid one"):
+    with pytest.raises(CheckpointError, match="holds a DMD2 model, not a method=sid run's"):
         sida.start_generator(load_method(tmp_path / "dmd2.ckpt"), tmp_path / "dmd2.ckpt")
     with pytest.raises(CheckpointError, match="another network, data shape, class count or sigma_init"):
         student(SiDA, sigma_init=2.0).start_generator(load_method(tmp_path / "sid.ckpt"), tmp_path / "sid.ckpt")

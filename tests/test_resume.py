@@ -46,9 +46,11 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [  # sida: a generator, a fake score, a GAN head and two optimisers
-    [], ["method=sida", "teacher.max_steps=2", "trainer.max_steps=30"],
-], ids=["edm_teacher", "sida"])
+@pytest.mark.parametrize("method", [
+    [], ["method=meanflow", "trainer.max_steps=8"],
+    ["method=scm", "method.tangent_warmup=4"],  # sCT: the tangent's warm-up r = step / 4 continues across the resume
+    ["method=sida", "teacher.max_steps=2", "trainer.max_steps=30"],  # generator, fake score, GAN head, two optimisers
+], ids=["edm_teacher", "meanflow", "sct", "sida"])
 def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, method):
     steps = int(next((o.split("=")[1] for o in method if o.startswith("trainer.max_steps=")), 12))
     whole = subprocess.run(command(tmp_path / "whole", *method), cwd=tmp_path, env=environment(), capture_output=True,
@@ -56,10 +58,10 @@ def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrup
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     # the same run (a student: with the teacher the first run trained), killed with SIGKILL once its first checkpoints
-    # exist; slow validations (a 200-NFE sample grid, or a student's many steps) leave time to kill it before the end
+    # exist; slow validations (a 400-NFE sample grid, or a student's many steps) leave time to kill it before the end
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        command(killed_dir, *method, "callbacks.sample_grid.nfe=200"), cwd=tmp_path, env=environment(),
+        command(killed_dir, *method, "callbacks.sample_grid.nfe=400"), cwd=tmp_path, env=environment(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240

@@ -3,15 +3,10 @@ teacher, every fewstep guarantee holds (debug runs, two ranks, resume), bad inpu
 one-step sCT samples beat a teacher's few-step Euler samples."""
 
 import math
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
-from test_resume import assert_same_training_state, command, environment
 
-from fewstep.checkpoints import latest_checkpoint, read_checkpoint
 from fewstep.data.gmm import GaussianMixture
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods import SCM, BatchNoise, EDMTeacher
@@ -260,29 +255,6 @@ def test_ddil_is_refused_in_one_line(compose_cfg, tmp_path, mode):
 
 
 # -- slow: resume, and one step on a 2-D mixture ---------------------------------------------------------------------
-@pytest.mark.slow
-def test_an_sct_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    run = ("method=scm", "method.tangent_warmup=4")  # the warm-up r = step / 4 continues across the resume
-    whole = subprocess.run(command(tmp_path / "whole", *run), cwd=tmp_path, env=environment(), capture_output=True,
-                           text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed_dir = tmp_path / "killed"
-    process = subprocess.Popen(command(killed_dir, *run, "callbacks.sample_grid.nfe=400"), cwd=tmp_path,
-                               env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed_dir / "checkpoints" / "step_0000004.ckpt").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
-    assert 2 <= read_checkpoint(latest_checkpoint(killed_dir / "checkpoints"))["global_step"] < 12
-    resumed = subprocess.run(command(killed_dir, *run, "resume=auto"), cwd=tmp_path, env=environment(),
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_training_state(read_checkpoint(tmp_path / "whole" / "checkpoints" / "last.ckpt"),
-                               read_checkpoint(killed_dir / "checkpoints" / "last.ckpt"))
-
-
 @pytest.mark.slow
 def test_one_and_two_step_sct_samples_of_a_mixture_beat_a_perfect_flow_teachers_euler_samples():
     from fewstep.generate import generate

@@ -102,7 +102,7 @@ class SiDA(SiD):
     def start_generator(self, sid, path) -> None:
         """Start the generator from ``sid``, the SiD run read from ``path`` (its EMA weights)."""
         if type(sid) is not SiD:
-            raise CheckpointError(f"method.sid_ckpt='{path}' is a {type(sid).__name__} run, not a method=sid one: "
+            raise CheckpointError(f"method.sid_ckpt='{path}' holds a {type(sid).__name__} model, not a method=sid run's: "
                                   "give a SiD checkpoint or leave sid_ckpt null")
         hp = self.hparams
         if (sid.hparams.net != hp.net or list(sid.hparams.data_shape) != list(hp.data_shape)
