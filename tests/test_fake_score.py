@@ -216,3 +216,18 @@ def test_sida_starts_from_a_sid_run_and_refuses_another_method_s(tmp_path):
         sida.start_generator(load_method(tmp_path / "dmd2.ckpt"), tmp_path / "dmd2.ckpt")
     with pytest.raises(CheckpointError, match="another network, data shape, class count or sigma_init"):
         student(SiDA, sigma_init=2.0).start_generator(load_method(tmp_path / "sid.ckpt"), tmp_path / "sid.ckpt")
+
+
+@pytest.mark.parametrize("cls", [SiD, SiDA, FDistill])
+def test_a_conditional_student_follows_its_teacher_s_guided_score(cls):
+    tutor = teacher(seed=5, conditional=True, num_classes=3)
+    method = student(cls, tutor, conditional=True, num_classes=3, guidance=1.5, head_channels=4)
+    randomize(method.fake_net, seed=6, scale=0.05)
+    labels = torch.tensor([0, 1, 2, 3])  # 3: the "no label" class of classifier-free guidance
+    x = method.state_sigmas[0] * torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    fake = method.student_x0(x, method.state_sigmas[0].expand(4), labels)
+    losses = [method.generator_loss(fake, labels, BatchNoise.fixed(2, 4, "cpu"))["dm"] for _ in range(2)]
+    assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])
+    unguided = student(cls, tutor, conditional=True, num_classes=3, guidance=0.0, head_channels=4)
+    unguided.load_state_dict(method.state_dict())
+    assert not torch.equal(unguided.generator_loss(fake, labels, BatchNoise.fixed(2, 4, "cpu"))["dm"], losses[0])
