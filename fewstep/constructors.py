@@ -22,6 +22,7 @@ NETWORKS = {
     "fewstep.networks.MLP": ("fewstep.networks.mlp", "MLP"),
     "fewstep.networks.mlp.MLP": ("fewstep.networks.mlp", "MLP"),
     "fewstep.networks.edm.edm_denoiser": ("fewstep.networks.edm", "edm_denoiser"),
+    "fewstep.networks.edm2.edm2_denoiser": ("fewstep.networks.edm2", "edm2_denoiser"),
     "fewstep.external.diffusers.DiffusersDenoiser": ("fewstep.external.diffusers", "DiffusersDenoiser"),
 }
 OPTIMIZERS = {f"torch.optim.{name}": ("torch.optim", name) for name in ("Adam", "AdamW", "SGD")}

@@ -51,7 +51,8 @@ def test_method_and_model_configs_instantiate(compose_cfg, method, model):
     from fewstep.methods.teacher import Staged
 
     data = "gmm" if model == "mlp" else "digits"
-    small = ["model.model_channels=8", "model.num_blocks=1"] if model.startswith("edm_") else []  # EDM's are 56M-296M
+    small = ["model.model_channels=8", "model.num_blocks=1"] if model.startswith("edm") else []  # EDM's 56M-296M, EDM2's to 1.1B
+    small += ["model.channels_per_head=8"] if model.startswith("edm2_") else []
     overrides = [f"method={method}", f"model={model}", f"data={data}", "method.conditional=true", *small]
     configs = [compose_cfg("train", overrides)]
     if issubclass(get_class(configs[0].method._target_), DistilledStudent):  # and with DDIL, a switch on any student
@@ -66,6 +67,10 @@ def test_method_and_model_configs_instantiate(compose_cfg, method, model):
             teacher = SimpleNamespace(hparams={**defaults, **arguments})
             arguments = {"_target_": arguments["_target_"], "_recursive_": False,
                          **cls.stage_options(arguments, teacher, "teacher.ckpt", teacher_steps, steps, None)}
+        if method == "meanflow" and model.startswith("edm2_"):  # EDM2's network has no second time input
+            with pytest.raises(Exception, match="meanflow needs a network with a second time input"):
+                instantiate(arguments, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
+            continue
         built = instantiate(arguments, net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes)
         assert built.num_classes == datamodule.num_classes
         assert sum(p.numel() for p in built.parameters()) > 0

@@ -24,6 +24,7 @@ pytest.importorskip("diffusers")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "edm"
 EDM_PICKLE = FIXTURES / "edm_ncsnpp.pkl"  # EDMPrecond over a tiny NCSN++, 3 x 8 x 8, unconditional, made by EDM's code
+EDM2_PICKLE = FIXTURES.parent / "edm2" / "edm2_uncond.pkl"  # EDM2 Precond over a tiny magnitude-preserving UNet, 3 x 8 x 8, by EDM2's code
 CHECKPOINTS = [
     "trainer.enable_checkpointing=true", "+callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
     "+callbacks.model_checkpoint.dirpath=${paths.output_dir}/checkpoints", "+callbacks.model_checkpoint.save_last=true",
@@ -57,7 +58,7 @@ def diffusers_folder(root: Path, prediction_type: str = "epsilon") -> Path:
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    return {"edm_pickle": EDM_PICKLE, "diffusers": diffusers_folder(tmp_path_factory.mktemp("ddpm"))}
+    return {"edm_pickle": EDM_PICKLE, "diffusers": diffusers_folder(tmp_path_factory.mktemp("ddpm")), "edm2_pickle": EDM2_PICKLE}
 
 
 @pytest.mark.parametrize("kind", ["edm_pickle", "diffusers"])
@@ -104,7 +105,7 @@ METHODS = {
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("kind", ["edm_pickle", "diffusers"])
+@pytest.mark.parametrize("kind", ["edm_pickle", "diffusers", "edm2_pickle"])
 def test_every_distillation_method_trains_from_an_outside_teacher_and_samples(
     compose_cfg, tmp_path, teachers, kind, method
 ):
@@ -114,7 +115,7 @@ def test_every_distillation_method_trains_from_an_outside_teacher_and_samples(
         "data.val_size=4", "data.batch_size=4", f"teacher.ckpt={teachers[kind]}", f"paths.root={tmp_path}/outputs",
         "callbacks.sample_grid.n=2", "trainer.max_steps=2", "trainer.val_check_interval=2", *CHECKPOINTS,
     ]
-    if method == "gdd_i" and kind == "diffusers":
+    if method == "gdd_i" and kind in ("diffusers", "edm2_pickle"):
         with pytest.raises(Exception, match="has no layers GDD-I can freeze") as error:  # hydra wraps the ConfigError
             train(compose_cfg("train", overrides))
         assert isinstance(error.value.__cause__, ConfigError)

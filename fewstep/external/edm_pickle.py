@@ -5,6 +5,10 @@ EDM pickles each of its classes as ``torch_utils.persistence._reconstruct_persis
 the stream names is looked up in an allow-list of what these pickles need (checked with pickletools on
 pickles written by EDM's code) and anything else is refused before it is called; persistent objects become
 inert ``PersistentRecord``s, and the network is rebuilt from fewstep's own classes (fewstep.networks.edm).
+
+NVlabs/edm2 snapshots are pickled by the same persistence code and read the same way: their ``ema`` entry (an EDM2
+``Precond``, float16 as EDM2's training loop writes it) becomes fewstep.networks.edm2's network in float32; their
+``encoder`` entry must be the pixel encoder (a latent model's Stability VAE encoder is refused in one line).
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ import torch
 from fewstep.errors import CheckpointError, one_line
 
 _NOT_EDM = "the file is not an EDM network pickle, and fewstep does not run code from pickles"
+
+# EDM2's encoder records (training.encoders): pixel models scale images to [-1, 1]; latent models run a VAE
+PIXEL_ENCODERS = ("StandardRGBEncoder",)
+LATENT_ENCODERS = ("StabilityVAEEncoder",)
+EDM2_CLASS_NAMES = ("Precond", "UNet")  # training.networks_edm2's networks (fewstep.networks.edm2.EDM2_CLASSES)
 
 # Bounds on what a file may make the reader do. EDM's biggest networks (ADM at ImageNet-64, ~300M parameters) have
 # a few thousand modules nested fewer than 20 deep, so each bound is far above a real snapshot and far below harm.
@@ -303,6 +312,8 @@ def read_edm_pickle(path: str | Path) -> dict | PersistentRecord:
         with open(path, "rb") as file:
             return RestrictedUnpickler(file).load()
     except CheckpointError as error:
+        if _names_latent_encoder(path):  # a latent EDM2 snapshot: its encoder's numpy arrays are refused first
+            raise _latent_refusal(path, LATENT_ENCODERS[0]) from None
         raise CheckpointError(one_line(f"'{path}': {error}")) from None
     except Exception as error:  # not a pickle, truncated, or allowed callables given arguments they refuse
         raise CheckpointError(one_line(
@@ -322,6 +333,7 @@ def load_edm_network(path: str | Path) -> torch.nn.Module:
         class_name, init_args, init_kwargs, state_dict = _read_torch_file(path)
     else:
         top = read_edm_pickle(path)
+        _check_encoder(path, top)
         record = top.get("ema") if isinstance(top, dict) else top
         if not isinstance(record, PersistentRecord) or "_modules" not in record.state:
             keys = sorted(_short(key, 40) for key in list(top)[:20]) if isinstance(top, dict) else []
@@ -335,6 +347,42 @@ def load_edm_network(path: str | Path) -> torch.nn.Module:
         state_dict = _state_dict(record, path)
     _check_arguments(path, init_args, init_kwargs)
     return _build(path, class_name, init_args, init_kwargs, state_dict)
+
+
+def _latent_refusal(path: Path, encoder: str) -> CheckpointError:
+    return CheckpointError(one_line(
+        f"'{path}' is a latent EDM2 model (its encoder is {encoder}, a VAE): latent models are not supported; fewstep "
+        "takes pixel-space EDM2 networks (e.g. edm2-img64-s)"))
+
+
+def _names_latent_encoder(path: Path) -> bool:
+    """Whether the first MiB of the pickle names a latent EDM2 encoder (EDM2's snapshots pickle their encoder first);
+    read with pickletools, which builds nothing."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as file:
+            head = io.BytesIO(file.read(1 << 20))
+        for _, arg, _ in pickletools.genops(head):
+            if isinstance(arg, str) and arg in LATENT_ENCODERS:
+                return True
+    except Exception:  # the head ends inside an opcode, or the stream is malformed: the reader's own refusal stands
+        pass
+    return False
+
+
+def _check_encoder(path: Path, top: Any) -> None:
+    """An EDM2 snapshot's ``encoder`` entry is the pixel encoder (or absent, as in EDM's snapshots)."""
+    encoder = top.get("encoder") if isinstance(top, dict) else None
+    if encoder is None:
+        return
+    name = encoder.class_name if isinstance(encoder, PersistentRecord) else type(encoder).__name__
+    if name in LATENT_ENCODERS:
+        raise _latent_refusal(path, name)
+    if name not in PIXEL_ENCODERS:
+        raise CheckpointError(one_line(
+            f"'{path}': its encoder is a {_short(name)}, not EDM2's pixel encoder ({', '.join(PIXEL_ENCODERS)}): "
+            "fewstep takes pixel-space EDM2 networks"))
 
 
 def _check_arguments(path: Path, init_args: Any, init_kwargs: Any) -> None:
@@ -471,6 +519,8 @@ def _state_dict(record: PersistentRecord | TorchModuleRecord, path: Path) -> dic
 
 
 def _build(path: Path, class_name: str, init_args: tuple, init_kwargs: dict, state_dict: dict) -> torch.nn.Module:
+    if class_name in EDM2_CLASS_NAMES:
+        return _build_edm2(path, class_name, init_args, init_kwargs, state_dict)
     from fewstep.networks.edm import EDM_CLASSES  # lazily: reading a file needs no network code
 
     if class_name not in EDM_CLASSES:
@@ -496,13 +546,76 @@ def _build(path: Path, class_name: str, init_args: tuple, init_kwargs: dict, sta
     return module.eval()
 
 
+def _build_edm2(path: Path, class_name: str, init_args: tuple, init_kwargs: dict, state_dict: dict) -> torch.nn.Module:
+    """EDM2's network in fewstep.networks.edm2, from its checked arguments, with the weights in float32."""
+    from fewstep.networks.edm2 import EDM2_CLASSES
+
+    arguments = _edm2_arguments(path, class_name, init_args, init_kwargs)
+    try:
+        module = EDM2_CLASSES[class_name](**arguments)
+    except Exception as error:  # arguments from the file that this implementation does not take
+        raise CheckpointError(one_line(
+            f"'{path}': cannot build EDM2's {class_name} from the recorded arguments ({type(error).__name__}: {error})"
+        )) from None
+    misfit = _first_misfit(module.state_dict(), state_dict, class_name)
+    if misfit:
+        raise CheckpointError(f"'{path}': the weights do not fit fewstep's EDM2 {class_name}: {misfit}")
+    # EDM2 stores its EMA in float16: fewstep's network computes in float32 (use_fp16 casts on CUDA, as EDM2)
+    module.load_state_dict({key: value.to(torch.float32) for key, value in state_dict.items()}, strict=True)
+    module.edm_arguments = arguments
+    return module.eval()
+
+
+def _edm2_arguments(path: Path, class_name: str, init_args: Any, init_kwargs: Any) -> dict:
+    """EDM2's recorded constructor arguments by name (Precond's, and the UNet's and Block's it passes on), each checked
+    against the types of fewstep's ``edm2_denoiser``; returned as plain values."""
+    import inspect
+
+    from fewstep.networks.edm2 import EDM2_CLASSES, edm2_denoiser
+    from fewstep.schema import UntrustedConfig, check_value, parameters
+
+    known = {k: v for k, v in parameters(edm2_denoiser).items() if k not in ("data_shape", "num_classes")}
+    try:
+        try:
+            bound = inspect.signature(EDM2_CLASSES[class_name]).bind(
+                *[_plain_value(v) for v in init_args], **{str(k): _plain_value(v) for k, v in init_kwargs.items()})
+        except TypeError as error:
+            raise UntrustedConfig(f"its arguments do not fit EDM2's {class_name} ({error})") from None
+        arguments = dict(bound.arguments)
+        arguments.update(arguments.pop("unet_kwargs", None) or arguments.pop("block_kwargs", None) or {})
+        for key, value in arguments.items():
+            if key in ("img_resolution", "img_channels", "label_dim"):
+                check_value(value, int, f"{class_name}.{key}")
+                if not 0 <= value <= 65536:
+                    raise UntrustedConfig(f"{class_name}.{key} = {value} is out of range")
+            elif key not in known:
+                raise UntrustedConfig(f"{class_name}.{key} is not an argument of fewstep's EDM2 {class_name}")
+            else:
+                check_value(value, known[key][0], f"{class_name}.{key}", known[key][1])
+        return arguments
+    except UntrustedConfig as error:
+        raise UntrustedConfig(one_line(f"refusing '{path}': {error}; fewstep builds EDM2's networks only from plain, "
+                                       "typed constructor arguments")) from None
+
+
 def edm_network_config(net: torch.nn.Module) -> tuple[dict, list[int], int]:
     """(model config, data shape [C, H, H], label count) of a network from ``load_edm_network``: the config is
-    fewstep's ``edm_denoiser`` with the file's constructor arguments, so a student of it builds the same network."""
+    fewstep's ``edm_denoiser`` (``edm2_denoiser`` for EDM2) with the file's constructor arguments, so a student of it
+    builds the same network."""
     from fewstep.networks.edm import PRECONDITIONINGS
 
     name = type(net).__name__
     if name not in PRECONDITIONINGS:
+        from fewstep.networks.edm2 import EDM2Precond, EDM2UNet
+
+        if isinstance(net, EDM2Precond):
+            kwargs = {key: _plain_value(value) for key, value in net.edm_arguments.items()}
+            resolution, channels = int(kwargs.pop("img_resolution")), int(kwargs.pop("img_channels"))
+            labels = int(kwargs.pop("label_dim", 0) or 0)
+            return {"_target_": "fewstep.networks.edm2.edm2_denoiser", **kwargs}, [channels, resolution, resolution], labels
+        if isinstance(net, EDM2UNet):
+            raise CheckpointError("the file holds a bare EDM2 UNet without EDM2's Precond: pass the 'ema' entry of an "
+                                  "EDM2 snapshot")
         raise CheckpointError(
             f"the file holds a bare {name} without EDM's preconditioning: pass the preconditioned network "
             f"({', '.join(PRECONDITIONINGS)}), the 'ema' entry of an EDM snapshot"
