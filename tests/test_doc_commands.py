@@ -195,6 +195,10 @@ def test_documented_command_parses(argv, monkeypatch, capsys):
         check_weights(args, monkeypatch)
     elif module == "fewstep.checkpoints":
         check_upgrade(args, monkeypatch)
+    elif module == "fewstep.phema":
+        from fewstep.phema import parse_arguments
+
+        parse_arguments(args)  # a one-line ConfigError for anything it would refuse
     else:
         pytest.fail(f"no check for 'python -m {module}': add one to this test")
 
