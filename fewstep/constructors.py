@@ -30,6 +30,7 @@ SCHEDULERS = {
     f"torch.optim.lr_scheduler.{name}": ("torch.optim.lr_scheduler", name)
     for name in ("LinearLR", "ConstantLR", "CosineAnnealingLR", "OneCycleLR", "StepLR", "ExponentialLR")
 }
+SCHEDULERS["fewstep.lr_schedules.InverseSqrtLR"] = ("fewstep.lr_schedules", "InverseSqrtLR")  # EDM2's decay
 DATA = {
     **{f"fewstep.data.{name}": ("fewstep.data", name)
        for name in ("MNIST5k", "Digits", "FashionMNIST", "CIFAR10", "ImageFolder", "EDMZip", "GMMDataModule")},
