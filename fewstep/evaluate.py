@@ -26,7 +26,7 @@ from rich.console import Console
 from fewstep.checkpoints import load_method
 from fewstep.cli import CONF_DIR, check_overrides, user_errors
 from fewstep.errors import ConfigError, FewstepError
-from fewstep.generate import generate, resolve_device
+from fewstep.generate import generate, load_guide, resolve_device
 from fewstep.images import to_uint8
 from fewstep.metrics.score import feature_extractor, reference_key, score, score_against_file
 from fewstep.options import check_evaluate_options
@@ -114,8 +114,7 @@ def result_row(cfg: DictConfig) -> dict:
     train_cfg = training_config(cfg.ckpt, cfg.data_config, required=reference is None or bool(cfg.data_config))
     weights = cfg.get("weights", "ema")
     method = load_method(cfg.ckpt, map_location=device, weights=weights)
-    if cfg.guidance and not method.num_classes:
-        raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
+    guide = load_guide(method, cfg.get("guide"), cfg.guidance, cfg.get("guidance_interval"), device, weights)
     datamodule = None if reference is not None else build_data(train_cfg.data)
     real = None if reference is not None else datamodule.real_images(cfg.n)
     data_name = None if train_cfg is None else train_cfg.data._target_.rpartition(".")[2]
@@ -130,12 +129,13 @@ def result_row(cfg: DictConfig) -> dict:
             return score_against_file(extractor, reference, fake, cfg.batch_size, progress, label)
         return score(cfg.metric, extractor, real, fake, key, cache_dir, cfg.batch_size, progress, label)
 
-    values, first, nfe, seconds = sample_and_score(cfg, method, seeds, score_set, progress)
+    values, first, nfe, seconds = sample_and_score(cfg, method, seeds, score_set, progress, guide)
     repeats = summarise_repeats(values, seeds)
     value = repeats.get("best", values[0])
     row = {
         "metric": cfg.metric, "value": value, "sampler": cfg.sampler.name, "nfe_budget": cfg.nfe, "nfe": nfe,
-        "grid": cfg.grid, "guidance": cfg.guidance, "n": cfg.n,
+        "grid": cfg.grid, "guidance": cfg.guidance, "guide": str(Path(cfg.guide).resolve()) if cfg.get("guide") else None,
+        "guidance_interval": OmegaConf.to_container(cfg.guidance_interval) if cfg.get("guidance_interval") else None, "n": cfg.n,
         "n_real": len(real) if reference is None else (None if reference["assumed_n"] else reference["n"]),
         "seed": cfg.seed, "images_per_second": cfg.n * len(seeds) / seconds, "data": data_name,
         "ckpt": str(Path(cfg.ckpt).resolve()), "sampler_options": OmegaConf.to_container(cfg.sampler),
@@ -152,9 +152,10 @@ def result_row(cfg: DictConfig) -> dict:
 
 
 def sample_and_score(
-    cfg: DictConfig, method, seeds: list[int], score_set, progress: Progress | None = None
+    cfg: DictConfig, method, seeds: list[int], score_set, progress: Progress | None = None, guide=None
 ) -> tuple[list[float], torch.Tensor, int, float]:
-    """Draw cfg.n samples from each first seed in ``seeds`` and score them with ``score_set(uint8 images, label)``.
+    """Draw cfg.n samples from each first seed in ``seeds`` and score them with ``score_set(uint8 images, label)``;
+    ``guide``: the autoguidance model (``fewstep.generate.load_guide``), or None.
 
     One sample set is in memory at a time (50,000 images at 3 x 32 x 32 are 600 MB as floats). Returns the
     values, the first set as uint8 (for fid_domain's diversity), the NFE as counted and the sampling seconds.
@@ -173,7 +174,8 @@ def sample_and_score(
         with progress.task(f"{label}sampling", cfg.n, "images") as task:
             samples, _, nfe = generate(
                 method, cfg.n, cfg.sampler.name, cfg.nfe, seed, cfg.guidance, cfg.batch_size, cfg.grid,
-                callback=lambda info, task=task: task.update(info["done"]), **options,
+                callback=lambda info, task=task: task.update(info["done"]), guide=guide,
+                guidance_interval=cfg.get("guidance_interval"), **options,
             )
         sampled = time.perf_counter() - start
         seconds += sampled

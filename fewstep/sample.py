@@ -13,8 +13,7 @@ from rich.console import Console
 
 from fewstep.checkpoints import load_method
 from fewstep.cli import check_overrides, user_errors
-from fewstep.errors import ConfigError
-from fewstep.generate import generate, resolve_device
+from fewstep.generate import generate, load_guide, resolve_device
 from fewstep.images import save_grid, to_uint8
 from fewstep.options import check_sample_options
 from fewstep.progress import Progress
@@ -24,15 +23,14 @@ def sample_checkpoint(cfg: DictConfig) -> dict:
     check_sample_options(cfg)
     device = resolve_device(cfg.device)
     method = load_method(cfg.ckpt, map_location=device, weights=cfg.get("weights", "ema"))
-    if cfg.guidance and not method.num_classes:
-        raise ConfigError("guidance needs a class-conditional model (trained with method.conditional=true); use guidance=0")
+    guide = load_guide(method, cfg.get("guide"), cfg.guidance, cfg.get("guidance_interval"), device, cfg.get("weights", "ema"))
     progress = Progress.from_config(cfg.get("progress"))
     progress.note(f"sampling {cfg.n} samples: {cfg.sampler.name} at {cfg.nfe} NFE, {cfg.batch_size} per batch, on {device}")
     start = time.perf_counter()
     with progress.task("sampling", cfg.n, "samples") as task:
         samples, labels, nfe = generate(
             method, cfg.n, cfg.sampler.name, cfg.nfe, cfg.seed, cfg.guidance, cfg.batch_size, cfg.grid,
-            callback=lambda info: task.update(info["done"]),
+            callback=lambda info: task.update(info["done"]), guide=guide, guidance_interval=cfg.get("guidance_interval"),
             **{key: value for key, value in cfg.sampler.items() if key != "name"},
         )
     seconds = time.perf_counter() - start

@@ -19,13 +19,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights, draw_sources
-from fewstep.errors import ConfigError
+from fewstep.errors import ConfigError, FewstepError
 from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.noise import BatchNoise
 from fewstep.methods.teacher import TaughtMethod
 from fewstep.networks.lpips_loss import frozen_lpips
 from fewstep.samplers import SOLVERS, SeededNoise, guided_denoiser
 from fewstep.samplers.grids import nested_sigmas
+from fewstep.samplers.guidance import autoguided_denoiser, check_guide, check_interval
 
 DATA_RANGE = (-1.0, 1.0)
 DDIL_KEYS = {"b_fwd", "b_teacher", "b_student", "buffer", "reflect"}
@@ -64,15 +65,21 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
 
     def __init__(
         self, *args, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-        guidance: float = 0.0, teacher_ckpt: str | None = None, ddil: dict | None = None, **kwargs,
+        guidance: float = 0.0, teacher_ckpt: str | None = None, ddil: dict | None = None, guide: str | None = None,
+        guidance_interval: list[float] | None = None, **kwargs,
     ):
         super().__init__(*args, **kwargs)
         ddil = plain(ddil) or None
-        self.save_hyperparameters("sigma_data", "sigma_min", "sigma_max", "rho", "guidance", "teacher_ckpt", "ddil")
+        guidance_interval = plain(guidance_interval)
+        self.save_hyperparameters(
+            "sigma_data", "sigma_min", "sigma_max", "rho", "guidance", "teacher_ckpt", "ddil", "guide", "guidance_interval"
+        )
+        self.hparams.guidance_interval = guidance_interval  # Lightning collects the callers' unconverted ones too
         if not 0 < sigma_min < sigma_max:
             raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         if guidance < 0:
             raise ConfigError(f"method.guidance={guidance}: the teacher's guidance scale must be >= 0")
+        check_interval(guidance_interval)
         if ddil is not None:
             unknown = sorted(set(ddil) - DDIL_KEYS)
             if unknown:
@@ -84,8 +91,28 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
     def reflecting(self) -> bool:
         return bool((self.hparams.ddil or {}).get("reflect", False))
 
+    guide = None  # the teacher's autoguidance model (method.guide), frozen, outside the state_dict and EMA
+
+    def attach_guide(self, guide, path=None) -> None:
+        """Make the teacher's guidance autoguidance by ``guide`` (read from ``path``): a weaker model of the teacher's
+        data, checked against the teacher and frozen."""
+        check_guide(self.teacher, guide, f"guide '{path}'" if path else "the guide")
+        if path is not None:
+            self.hparams.guide = str(path)
+        object.__setattr__(self, "guide", guide.eval().requires_grad_(False))  # not registered: out of state_dict and EMA
+
     def on_fit_start(self) -> None:
         super().on_fit_start()  # the teacher (TaughtMethod)
+        if self.hparams.get("guide") and self.guide is None and self.teacher is not None:
+            from fewstep.checkpoints import load_method  # here: checkpoints imports the methods
+
+            try:
+                guide = load_method(self.hparams.guide)
+            except FewstepError as error:
+                raise type(error)(f"method.guide={self.hparams.guide}: {error}") from None
+            self.attach_guide(guide, self.hparams.guide)
+        if self.guide is not None:
+            self.guide.to(self.device)
         self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
         if self.hparams.ddil is not None and not isinstance(getattr(self.trainer, "datamodule", None), RolloutStates):
             raise ConfigError("a DDIL student needs its rollout buffers: fit it with datamodule=fewstep.data.rollout.RolloutStates(data)")
@@ -93,17 +120,22 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
     @torch.no_grad()
     def teacher_denoise(self, x, sigma, class_labels=None, guidance=None) -> torch.Tensor:
         """The teacher's x0 prediction, with classifier-free guidance (1 + w) D(.|y) - w D(.|empty) when
-        conditional (w a float or one per sample; default ``guidance``), reflected to the data range under DDIL."""
+        conditional (w a float or one per sample; default ``guidance``), or with autoguidance (1 + w) D - w D_guide
+        when a guide is attached (``method.guide``; conditional or not), for sigma in ``guidance_interval`` only
+        (null: at every sigma), reflected to the data range under DDIL."""
         return self.teacher_prediction(x, sigma, class_labels, guidance)
 
     def teacher_prediction(self, x, sigma, class_labels=None, guidance=None) -> torch.Tensor:
         """``teacher_denoise`` differentiable in ``x`` (the teacher's weights stay frozen): for losses whose gradient
         passes through the teacher's prediction at the generator's samples (SiD)."""
         w = self.hparams.guidance if guidance is None else guidance
-        if class_labels is None:
+        interval = self.hparams.get("guidance_interval")
+        if self.guide is not None:
+            denoised = autoguided_denoiser(self.teacher.denoiser, self.guide.denoiser, w, class_labels, interval)(x, sigma)
+        elif class_labels is None:
             denoised = self.teacher.denoiser(x, sigma, None)
         else:
-            denoised = guided_denoiser(self.teacher.denoiser, w, class_labels, self.null_label)(x, sigma)
+            denoised = guided_denoiser(self.teacher.denoiser, w, class_labels, self.null_label, interval)(x, sigma)
         return reflect(denoised) if self.reflecting else denoised
 
     def perceptual(self):
