@@ -208,7 +208,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
 
     one = run("one", "data.batch_size=8")
     # a student takes the teacher "one" trained (another batch size is other data to the teacher search)
-    teacher = [f"teacher.ckpt={one['hyper_parameters']['teacher_ckpt']}"] if "teacher_ckpt" in one["hyper_parameters"] else []
+    taught = one["hyper_parameters"].get("teacher_ckpt")  # None: a teacher or a method trained from data (sCT)
+    teacher = [f"teacher.ckpt={taught}"] if taught else []
     two = run("two", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp", *teacher)  # gloo on CPU
     assert one["global_step"] == two["global_step"] == 4
     for weights in ("state_dict", "current_model_state"):  # the EMA weights and the trained ones
