@@ -350,3 +350,13 @@ def test_evaluate_row_names_the_guide(tiny_checkpoint, tmp_path, monkeypatch):
                               guidance_interval=[0.1, 10.0], out=tmp_path / "api")
     assert row["guide"] == str(weak.resolve()) and row["guidance"] == 0.5 and row["guidance_interval"] == [0.1, 10.0]
     assert json.loads((tmp_path / "api" / "result.json").read_text())["guide"] == str(weak.resolve())
+
+
+def test_report_curves_tell_guides_and_intervals_apart():
+    from fewstep.metrics.curves import tables
+
+    row = {"metric": "fid", "sampler": "heun", "nfe": 35, "value": 1.0, "guidance": 1.0}
+    rows = [{**row, "guide": "/runs/a/last.ckpt"}, {**row, "guide": "/runs/b.pkl", "value": 2.0},
+            {**row, "guide": "/runs/b.pkl", "guidance_interval": [0.3, 3.0], "value": 3.0}, {**row, "value": 4.0}]
+    curves = tables(rows)["fid"]
+    assert len(curves) == 4 and curves["heun, w=1, guide b.pkl, sigma in (0.3, 3]"] == {35: 3.0}

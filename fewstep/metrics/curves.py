@@ -10,12 +10,18 @@ from pathlib import Path
 
 
 def setting(row: dict) -> str:
-    """What tells two curves apart: the sampler, its grid and the guidance scale when not the defaults."""
+    """What tells two curves apart: the sampler, its grid, the guidance scale, the guide (autoguidance) and the
+    guidance interval when not the defaults."""
     label = row["sampler"]
     if row.get("grid") not in (None, "karras"):  # None: the model's default grid
         label += f" ({row['grid']})"
     if row.get("guidance"):
         label += f", w={row['guidance']:g}"
+    if row.get("guide"):
+        label += f", guide {Path(row['guide']).name}"
+    if row.get("guidance_interval"):
+        low, high = row["guidance_interval"]
+        label += f", sigma in ({low:g}, {high:g}]"
     return label
 
 
