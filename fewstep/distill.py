@@ -226,11 +226,23 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
     start = student.generator_start()  # e.g. SiDA from a SiD run (a resumed run's checkpoint then replaces it)
     if start:
         student.start_generator(load_method(start), start)
+    attach_guide(student)
     grid_nfe = getattr(student, "sample_grid_nfe", None)  # e.g. a one-step generator
     if grid_nfe is not None and (cfg.get("callbacks") or {}).get("sample_grid"):
         cfg = copy.deepcopy(cfg)
         cfg.callbacks.sample_grid.nfe = grid_nfe
     return fit(cfg, method=student, datamodule=with_rollouts(cfg, datamodule))
+
+
+def attach_guide(student) -> None:
+    """The teacher's autoguidance model (``method.guide``), read and attached to an EDM-space student."""
+    path = student.hparams.get("guide")
+    if path and isinstance(student, DistilledStudent):
+        try:
+            guide = load_method(path)
+        except CheckpointError as error:
+            raise CheckpointError(f"method.guide={path}: {error}") from None
+        student.attach_guide(guide, path)
 
 
 def seed_initialisation(cfg: DictConfig) -> None:
@@ -276,6 +288,7 @@ def train_stages(
         seed_initialisation(cfg)
         student = cls(net=cfg.model, data_shape=datamodule.shape, num_classes=datamodule.num_classes, **arguments)
         student.attach_teacher(teacher, path=teacher_path)
+        attach_guide(student)
         console.print(f"[bold]stage {i}[/]: {steps}-step student of the {teacher_steps}-step teacher -> {out}")
         save_config(stage_cfg)
         start = time.perf_counter()

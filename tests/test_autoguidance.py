@@ -262,15 +262,17 @@ def test_a_students_teacher_is_autoguided_inside_its_interval():
         assert not torch.allclose(method.teacher_denoise(x, torch.full((3,), 2.0)), method.teacher.denoiser(x, torch.full((3,), 2.0)))
 
 
-def test_method_guide_is_read_when_the_fit_starts(monkeypatch):
-    import fewstep.checkpoints
+def test_method_guide_is_attached_before_the_fit_starts(monkeypatch):
+    import fewstep.distill
     from fewstep.methods import Progressive
 
     guide, read = teacher(seed=1), []
-    monkeypatch.setattr(fewstep.checkpoints, "load_method", lambda path, **_: read.append(path) or guide)
+    monkeypatch.setattr(fewstep.distill, "load_method", lambda path, **_: read.append(path) or guide)
     method = student(Progressive, guidance=1.0, guide="weak.ckpt")
     assert method.guide is None
-    method.on_fit_start()
+    with pytest.raises(ConfigError, match="method.guide=weak.ckpt is not attached"):  # a fit without fewstep.train
+        method.on_fit_start()
+    fewstep.distill.attach_guide(method)  # what fewstep.train does after attaching the teacher
     assert read == ["weak.ckpt"] and method.guide is guide
     x, sigma = torch.randn(2, 1, 8, 8), torch.full((2,), 1.0)
     with torch.no_grad():

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from fewstep.data.rollout import SOURCES, RolloutStates, check_weights, draw_sources
-from fewstep.errors import ConfigError, FewstepError
+from fewstep.errors import ConfigError
 from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.noise import BatchNoise
 from fewstep.methods.teacher import TaughtMethod
@@ -103,14 +103,9 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()  # the teacher (TaughtMethod)
-        if self.hparams.get("guide") and self.guide is None and self.teacher is not None:
-            from fewstep.checkpoints import load_method  # here: checkpoints imports the methods
-
-            try:
-                guide = load_method(self.hparams.guide)
-            except FewstepError as error:
-                raise type(error)(f"method.guide={self.hparams.guide}: {error}") from None
-            self.attach_guide(guide, self.hparams.guide)
+        if self.hparams.get("guide") and self.guide is None:  # fewstep.train attaches it (fewstep.distill)
+            raise ConfigError(f"method.guide={self.hparams.guide} is not attached: call "
+                              "student.attach_guide(fewstep.checkpoints.load_method(PATH), PATH) before fitting")
         if self.guide is not None:
             self.guide.to(self.device)
         self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
