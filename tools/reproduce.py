@@ -792,7 +792,7 @@ def table_continuous(args, rows: Rows) -> list[str]:
             lines.append(f"| {name} at {k} step(s) better than the teacher's best sampler at {k} NFE | {ours} vs "
                          f"{best[k]} | {verdict(ours, best[k])} |")
     figure({label: {n: stat(rows.select(label, nfe=n)) for n in (1, 2, 35) if rows.select(label, nfe=n)} for label in labels},
-           args.out / "continuous.png", "sCM, MeanFlow and the teacher: fid_domain against NFE (mean ± std over seeds)")
+           args.out / "continuous.png", "sCM, MeanFlow and the teacher (mean ± std over seeds)")
     return lines
 
 
