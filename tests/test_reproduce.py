@@ -295,3 +295,156 @@ def test_the_fakescore_table_scores_each_students_checkpoints_beside_gdd_and_the
         assert claim in text
     assert "no verdict (fewer than 3 checkpoints)" in text  # one checkpoint per quick run
     assert (tmp_path / "fakescore.png").is_file()
+
+
+def test_the_phema_runs_track_post_hoc_emas_beside_their_fixed_ones(tmp_path):
+    args = reproduce.parse_args(["phema", "--out", str(tmp_path), "--gdd-set", "method.r1_gamma=1e-2"])
+    teacher, runs = reproduce.teacher_runs(args), reproduce.phema_runs(args)
+    assert runs["teacher"].overrides(0) == ["method=edm_teacher", "trainer.max_steps=4000", "callbacks=phema",
+                                            "callbacks.phema.snapshot_every=250"]  # 16 snapshots, the teacher's budget
+    gdd = runs["GDD"].overrides(0)
+    assert gdd[:3] == ["method=gdd", "trainer.max_steps=4000", "trainer.val_check_interval=500"]
+    assert f"teacher.ckpt={teacher.ckpt(0)}" in gdd and "method.freeze.level=0" in gdd
+    assert gdd[-3:] == ["callbacks=phema", "callbacks.phema.snapshot_every=250", "callbacks.ema.decay=0.995"]
+    assert runs["GDD"].extra == ["method.r1_gamma=1e-2"] and runs["teacher"].extra == []
+    assert reproduce.gdd_run(args, 0).overrides(0) == gdd[:-3]  # the gdd table's GDD, less the tracking
+    quick = reproduce.phema_runs(reproduce.parse_args(["phema", "--quick", "--out", str(tmp_path)]))
+    assert all("callbacks.phema.snapshot_every=1" in run.overrides(0) for run in quick.values())
+    with pytest.raises(SystemExit, match="leave callbacks.ema.decay out of --gdd-set"):
+        reproduce.main(["phema", "--gdd-set", "callbacks.ema.decay=0.99", "--out", str(tmp_path)])
+
+
+def test_a_row_is_reused_only_for_the_same_guide_guidance_and_weights(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(ckpt, sampler, nfe, n, out, options=None, weights="ema", **guidance):
+        calls.append((weights, guidance))
+        return {"value": 1.0, "values": [1.0, 2.0], "guide": "evaluate's own", "guidance": -1.0}
+
+    monkeypatch.setattr(reproduce, "evaluate_row", fake)
+    old = {"label": "teacher", "train_seed": 0, "sampler_name": "heun", "nfe_budget": 16, "n": 10, "value": 3.0, "guidance": 0.0}
+    (tmp_path / "t.json").write_text(json.dumps([old]))  # saved before rows recorded their weights and guide
+    table = reproduce.Rows(tmp_path / "t.json")
+    assert table.get("teacher", 0, Path("a.ckpt"), "heun", 16, 10)["value"] == 3.0 and not calls
+    early, earlier = tmp_path / "step_1000.ckpt", tmp_path / "step_500.ckpt"
+    for guide, w, interval in ((early, 0.5, None), (early, 0.5, None), (early, 1.0, None), (earlier, 0.5, None),
+                               (early, 0.5, [0.3, 5.0]), (early, 0.5, [0.3, 5.0])):
+        row = table.get("W", 0, Path("a.ckpt"), "heun", 16, 10, guide=guide, guidance=w, guidance_interval=interval)
+        assert (row["guide"], row["guidance"], row["guidance_interval"]) == (str(guide.resolve()), w, interval)
+    table.get("teacher", 0, Path("a.ckpt"), "heun", 16, 10, weights="raw")
+    assert calls == [("ema", {"guide": str(early.resolve()), "guidance": 0.5}),
+                     ("ema", {"guide": str(early.resolve()), "guidance": 1.0}),
+                     ("ema", {"guide": str(earlier.resolve()), "guidance": 0.5}),
+                     ("ema", {"guide": str(early.resolve()), "guidance": 0.5, "guidance_interval": [0.3, 5.0]}),
+                     ("raw", {})]
+    again = reproduce.Rows(tmp_path / "t.json")  # a resumed table finds every one of them
+    again.get("W", 0, Path("a.ckpt"), "heun", 16, 10, guide=earlier, guidance=0.5)
+    again.get("W", 0, Path("a.ckpt"), "heun", 16, 10, guide=early, guidance=0.5, guidance_interval=(0.3, 5))
+    assert len(calls) == 5 and len(json.loads((tmp_path / "t.json").read_text())) == 6
+
+
+def test_the_phemas_default_ema_gdd_row_comes_from_the_gdd_tables_run_of_the_same_settings(tmp_path, monkeypatch):
+    args = reproduce.parse_args(["phema", "--seeds", "0", "--n", "10", "--out", str(tmp_path)])
+    run = reproduce.gdd_run(args, 0)
+    gdd = [{"label": "GDD @ 4000", "train_seed": 0, "sampler_name": "euler", "nfe_budget": 1, "n": 10, "value": 4.6,
+            "values": [4.6, 4.7], "guidance": 0.0, "ckpt": str(run.dir(0) / "checkpoints" / "step_0004000.ckpt")}]
+    (tmp_path / "gdd.json").write_text(json.dumps(gdd))
+    (tmp_path / "gdd.md").write_text(f"<!-- python tools/reproduce.py gdd --seeds 0 1 2{reproduce.settings(args)}: 5 min -->\n")
+    monkeypatch.setattr(reproduce.Run, "train", lambda self, seed: pytest.fail(f"trained {self.name}"))
+    rows = reproduce.Rows(tmp_path / "phema.json", [0])
+    reproduce.default_ema_gdd(args, rows, 0, 4000)
+    (row,) = rows.select("GDD, fixed EMA 0.999")
+    assert row["values"] == [4.6, 4.7] and row["copied_from"] == str(tmp_path / "gdd.json")
+    # the gdd table ran with other GDD settings at this --out: its rows are not this run's
+    (tmp_path / "gdd.md").write_text("<!-- python tools/reproduce.py gdd --seeds 0 --n 10 --gdd-set method.r1_gamma=1e-2: 5 min -->\n")
+    monkeypatch.setattr(reproduce.Run, "train", lambda self, seed: (_ for _ in ()).throw(RuntimeError(f"trains {self.name}")))
+    with pytest.raises(RuntimeError, match="trains gdd_level0"):
+        reproduce.default_ema_gdd(args, reproduce.Rows(tmp_path / "other.json"), 0, 4000)
+
+
+def fake_run(run: Path, steps: list[int]) -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    for step in steps:
+        (run / "checkpoints" / f"step_{step:07d}.ckpt").write_text("")
+    (run / "checkpoints" / "last.ckpt").symlink_to(f"step_{max(steps):07d}.ckpt")
+    (run / "DONE").write_text("1 s\n")
+
+
+def test_the_guide_is_the_kept_checkpoint_nearest_the_share_of_the_steps(tmp_path):
+    fake_run(tmp_path / "run", [1000, 2000, 3000, 4000])
+    assert reproduce.guide_checkpoint(tmp_path / "run", 0.25) == (1000, tmp_path / "run/checkpoints/step_0001000.ckpt")
+    assert reproduce.guide_checkpoint(tmp_path / "run", 0.6)[0] == 2000
+    assert reproduce.guide_checkpoint(tmp_path / "run", 1.0)[0] == 3000  # never the model itself
+    fake_run(tmp_path / "one", [2])
+    with pytest.raises(SystemExit, match="no checkpoint before its last"):
+        reproduce.guide_checkpoint(tmp_path / "one", 0.25)
+    assert reproduce.guide_checkpoint(tmp_path / "one", 0.25, quick=True)[0] == 2  # a smoke run guides by itself
+
+
+def test_the_autoguidance_table_guides_the_teacher_by_its_quarter_checkpoint_against_the_teacher_tables_rows(
+        tmp_path, monkeypatch):
+    args = reproduce.parse_args(["autoguidance", "--seeds", "0", "1", "--n", "10", "--out", str(tmp_path)])
+    teacher = reproduce.teacher_runs(args)
+    for seed in (0, 1):
+        fake_run(teacher.dir(seed), [1000, 2000, 3000, 4000])
+    unguided = [{"label": "teacher", "train_seed": seed, "sampler_name": sampler, "nfe_budget": nfe, "n": 10,
+                 "value": 5.0 + seed, "values": [5.0 + seed, 5.1 + seed], "guidance": 0.0,
+                 "ckpt": str(teacher.dir(seed) / "checkpoints" / "step_0004000.ckpt")}
+                for seed in (0, 1) for sampler in ("heun", "edm_sde") for nfe in (16, 35)]
+    (tmp_path / "teacher.json").write_text(json.dumps(unguided))
+    calls = []
+
+    def fake(ckpt, sampler, nfe, n, out, options=None, weights="ema", **guidance):
+        calls.append((Path(ckpt).name, sampler, nfe, guidance["guidance"], Path(guidance["guide"]).name))
+        value = 5.0 - guidance["guidance"] if sampler == "heun" else 5.0 + guidance["guidance"]  # heun improves
+        return {"value": value, "values": [value, value + 0.1]}
+
+    monkeypatch.setattr(reproduce, "evaluate_row", fake)
+    lines = reproduce.table_autoguidance(args, reproduce.Rows(tmp_path / "autoguidance.json", [0, 1]))
+    assert sorted(calls) == sorted(("last.ckpt", s, nfe, w, "step_0001000.ckpt") for _ in (0, 1)
+                                   for s in ("heun", "edm_sde") for nfe in (16, 35) for w in reproduce.AUTOGUIDANCE_W)
+    text = "\n".join(lines)
+    two = "(2 seeds)"
+    assert f"| heun | 5.55 ± 0.71 {two} | 4.8 ± 0 {two} | 4.55 ± 0 {two} | 4.05 ± 0 {two} | 3.05 ± 0 {two} |" in text  # W = 0: copied
+    assert "own checkpoint at step 1000" in text
+    assert (f"| autoguidance with an earlier checkpoint improves fid_domain at 35 NFE (heun) | best W = 2: 3.05 ± 0 {two} vs "
+            f"W = 0: 5.55 ± 0.71 {two} | met |") in text
+    assert f"at 16 NFE (edm_sde) | best W = 0.25: 5.3 ± 0 {two} vs W = 0: 5.55 ± 0.71 {two} | within noise |" in text
+    assert {r["label"] for r in json.loads((tmp_path / "autoguidance.json").read_text()) if "copied_from" in r} == {"W = 0"}
+    assert (tmp_path / "autoguidance.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_phema_table_scores_each_reconstruction_beside_the_fixed_emas(tmp_path):
+    reproduce.main(["phema", "--quick", "--seeds", "0", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "phema.json").read_text())
+    sigma_rels = [f"sigma_rel {s:g}" for s in reproduce.QUICK_PHEMA_SIGMA_REL]
+    assert {r["label"] for r in saved} == {
+        *(f"{model}, {what}" for model in ("teacher", "GDD") for what in (*sigma_rels, "trained weights")),
+        "teacher, fixed EMA 0.999", "GDD, fixed EMA 0.995", "GDD, fixed EMA 0.999"}
+    for r in saved:
+        if "sigma_rel" in r["label"]:
+            assert Path(r["ckpt"]).parent.name == "reconstructed" and r["ckpt"].endswith(f"sigma_rel_{r['label'].split()[-1]}.ckpt")
+    assert {r["weights"] for r in saved if "trained weights" in r["label"]} == {"raw"}
+    assert {(r["sampler_name"], r["nfe_budget"]) for r in saved if r["label"].startswith("GDD")} == {("euler", 1)}
+    text = (tmp_path / "phema.md").read_text()
+    assert "| sigma_rel 0.1 (gamma 6.94) |" in text and "| fixed EMA 0.995 |" in text and "| trained weights |" in text
+    for model in ("teacher", "GDD"):
+        assert f"| {model}: the best reconstructed sigma_rel matches or beats the best fixed decay" in text
+    assert (tmp_path / "phema.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_autoguidance_table_guides_the_teacher_by_an_earlier_checkpoint(tmp_path):
+    reproduce.main(["autoguidance", "--quick", "--seeds", "0", "--set", "trainer.max_steps=4", "--set",
+                    "trainer.val_check_interval=1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "autoguidance.json").read_text())
+    guide = str((tmp_path / "runs/edm_teacher/seed0/checkpoints/step_0000001.ckpt").resolve())
+    assert {(r["label"], r["sampler_name"], r["nfe_budget"], r["guide"], r["guidance"]) for r in saved} == {
+        *(("W = 0", s, 2, None, 0.0) for s in reproduce.AUTOGUIDANCE_SAMPLERS),
+        *(("W = 1, guide @ 1", s, 2, guide, 1.0) for s in reproduce.AUTOGUIDANCE_SAMPLERS)}
+    text = (tmp_path / "autoguidance.md").read_text()
+    assert "| heun |" in text and "| edm_sde |" in text and "own checkpoint at step 1" in text
+    for sampler in reproduce.AUTOGUIDANCE_SAMPLERS:
+        assert f"| autoguidance with an earlier checkpoint improves fid_domain at 2 NFE ({sampler}) | best W = 1:" in text
+    assert (tmp_path / "autoguidance.png").is_file()

@@ -4,9 +4,11 @@
 
 TABLE is one of ``teacher`` (the EDM teacher's samplers and the k-diffusion SDE peers: SEEDS, lazy schedules),
 ``kac`` (DistillKac), ``gdd`` (GDD and GDD-I), ``students`` (progressive, consistency and DMD2, each with and
-without DDIL), ``kac_budget`` (DistillKac's student budgets), ``continuous`` (sCD, sCT and MeanFlow) and ``fakescore``
-(DMD2, SiD, SiDA and f-distill on one fake-score engine, against training images); ``gdd``, ``students``,
-``continuous`` and ``fakescore`` distil the ``teacher`` table's teachers, ``kac`` and ``kac_budget`` train their own.
+without DDIL), ``kac_budget`` (DistillKac's student budgets), ``continuous`` (sCD, sCT and MeanFlow), ``fakescore``
+(DMD2, SiD, SiDA and f-distill on one fake-score engine, against training images), ``phema`` (EDM2's post-hoc EMA
+against fixed EMAs, for the EDM teacher and GDD) and ``autoguidance`` (the teacher guided by its own earlier
+checkpoint, at 16 and 35 NFE); ``gdd``, ``students``, ``continuous``, ``fakescore`` and ``phema``'s GDD distil the
+``teacher`` table's teachers, ``autoguidance`` guides them, ``kac`` and ``kac_budget`` train their own.
 
 Every training run is ``python -m fewstep.train experiment=repro seed=S data.seed=S ...`` (conf/experiment/repro.yaml:
 MNIST-5k at 16 x 16, unet_small) in ``OUT/runs/<run>/seed<S>``; a finished run (its ``DONE`` file) is reused and an
@@ -15,7 +17,8 @@ metric=fid_domain and repeats=2: two disjoint sample sets of n images, so each r
 sampling spread beside the spread over training seeds. Writes ``OUT/<table>.json`` (every row of every seed),
 ``OUT/<table>.md`` (mean +- std over seeds, and the verdict of each claim) and ``OUT/<table>.png``.
 ``--set`` adds overrides to every training command (e.g. ``--set trainer.max_steps=2000``), ``--gdd-set`` to the
-GDD runs only (``--gdd-set callbacks.ema.decay=0.995``: their teachers stay the table's), ``--quick`` is a smoke run
+GDD runs only (``--gdd-set callbacks.ema.decay=0.995``: their teachers stay the table's), ``--guide-at`` picks the
+autoguidance table's guide (the teacher's checkpoint nearest that share of its steps), ``--quick`` is a smoke run
 (tiny network, a few steps, n = 16) for tests.
 """
 
@@ -31,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -39,7 +42,7 @@ from typing import NamedTuple
 from fewstep import layout
 from fewstep.metrics.curves import grid, markdown_table, plot
 
-TABLES = ("teacher", "kac", "gdd", "students", "kac_budget", "continuous", "fakescore")
+TABLES = ("teacher", "kac", "gdd", "students", "kac_budget", "continuous", "fakescore", "phema", "autoguidance")
 ODE = ("euler", "heun", "dpmpp_2m")
 LAZY = ("lazy_ode", "lazy_2m")
 SDE = ("seeds3", "seeds2", "euler_maruyama", "edm_sde")
@@ -228,15 +231,24 @@ def diffusers_edm_sde_dpmpp(scheduler_class):
     return solve
 
 
-def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path, options: dict | None = None, weights: str = "ema") -> dict:
-    """The protocol's row: fid_domain of two disjoint sample sets of n images."""
+def evaluate_row(ckpt: Path, sampler: str, nfe: int, n: int, out: Path, options: dict | None = None, weights: str = "ema",
+                 **guidance) -> dict:
+    """The protocol's row: fid_domain of two disjoint sample sets of n images; ``guidance``: guide, guidance and
+    guidance_interval (autoguidance, docs/autoguidance.md) when the row is guided."""
     from fewstep.evaluate import evaluate_checkpoint
 
     return evaluate_checkpoint(ckpt, {"name": sampler, **(options or {})}, nfe, n, "fid_domain", repeats=2, out=out,
-                               weights=weights)
+                               weights=weights, **guidance)
 
 
 ROW_KEY = ("label", "train_seed", "sampler_name", "nfe_budget", "n")
+# the rest of what tells two rows apart, with the value of a row saved without it: its weights and its guidance
+ROW_DEFAULTS = {"weights": "ema", "guide": None, "guidance": 0.0, "guidance_interval": None}
+GUIDANCE = ("guide", "guidance", "guidance_interval")
+
+
+def row_key(row: dict) -> dict:
+    return {**{k: row[k] for k in ROW_KEY}, **{k: row.get(k, default) for k, default in ROW_DEFAULTS.items()}}
 
 
 class Rows:
@@ -247,20 +259,35 @@ class Rows:
         self.rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
 
     def get(self, label: str, seed: int, ckpt: Path, sampler: str, nfe: int, n: int, options: dict | None = None,
-            weights: str = "ema") -> dict:
-        """The row of (label, seed, sampler, nfe, n), evaluated now if not saved; ``options`` are sampler options,
-        ``weights`` the checkpoint's (ema, or raw: the trained weights)."""
+            weights: str = "ema", guide: Path | None = None, guidance: float = 0.0,
+            guidance_interval: list[float] | None = None) -> dict:
+        """The row of (label, seed, sampler, nfe, n, weights, guidance), evaluated now if not saved; ``options`` are
+        sampler options, ``weights`` the checkpoint's (ema, or raw: the trained weights), ``guide`` a weaker checkpoint
+        that guides it with scale ``guidance`` inside ``guidance_interval`` (autoguidance)."""
         key = dict(zip(ROW_KEY, (label, seed, sampler, nfe, n)))
+        key.update(weights=weights, guide=str(Path(guide).resolve()) if guide else None, guidance=float(guidance),
+                   guidance_interval=[float(v) for v in guidance_interval] if guidance_interval else None)
         row = self.find(key)
         if row is not None:
             return row
         out = self.path.parent / "eval" / self.path.stem / re.sub(r"[^\w.-]+", "_", f"{label}_{sampler}_{nfe}_seed{seed}")
-        row = {**evaluate_row(ckpt, sampler, nfe, n, out, options, weights), **key}
+        guided = {k: key[k] for k in GUIDANCE if key[k] != ROW_DEFAULTS[k]}
+        row = {**evaluate_row(ckpt, sampler, nfe, n, out, options, weights, **guided), **key}
         self.save(row)
         return row
 
     def find(self, key: dict) -> dict | None:
-        return next((row for row in self.rows if all(row.get(k) == v for k, v in key.items())), None)
+        return next((row for row in self.rows if all(row.get(k, ROW_DEFAULTS.get(k)) == v for k, v in key.items())), None)
+
+    def adopt(self, source: Rows, key: dict, label: str) -> dict | None:
+        """The row of ``source`` (another table's) that ``key`` finds, saved here under ``label`` (the evaluation this
+        table would make, already made), or None when ``source`` has none."""
+        row = source.find(key)
+        if row is not None:
+            row = {**row, "label": label, "copied_from": str(source.path)}
+            self.save(row)
+            return self.find(row_key(row))
+        return None
 
     def save(self, row: dict) -> None:
         """Add a row to the file under a lock: the seeds of a table may run as parallel processes (--jobs). A row
@@ -268,7 +295,7 @@ class Rows:
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.rows = json.loads(self.path.read_text()) if self.path.is_file() else []
-            if self.find({k: row[k] for k in ROW_KEY}) is not None:
+            if self.find(row_key(row)) is not None:
                 return
             self.rows.append(row)
             temporary = self.path.with_suffix(".tmp")
@@ -546,10 +573,14 @@ def teacher_reference(args, rows: Rows, teacher: Run) -> tuple[BestCell, str]:
 
 def gdd_runs(args) -> dict[int, Run]:
     """The GDD run of each freezing level, from the teacher table's teacher; ``--gdd-set`` reaches these only."""
+    return {level: gdd_run(args, level) for level in args.gdd_levels}
+
+
+def gdd_run(args, level: int) -> Run:
     teacher = teacher_runs(args)
-    return {level: Run(f"gdd_level{level}", lambda seed, level=level: [
+    return Run(f"gdd_level{level}", lambda seed: [
         *method("gdd", args.quick), f"teacher.ckpt={teacher.ckpt(seed)}", f"method.freeze.level={level}"],
-        args.out, [*args.extra, *args.gdd_extra]) for level in args.gdd_levels}
+        args.out, [*args.extra, *args.gdd_extra])
 
 
 def table_gdd(args, rows: Rows) -> list[str]:
@@ -913,6 +944,237 @@ def table_fakescore(args, rows: Rows) -> list[str]:
     return lines
 
 
+# post-hoc EMA (docs/phema.md): the reconstructed widths, from under EDM2's tracked 0.05 to near the bound 0.289
+PHEMA_SIGMA_REL = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)
+QUICK_PHEMA_SIGMA_REL = (0.03, 0.1)
+PHEMA_SNAPSHOTS = 16  # snapshots over a run's budget
+GDD_FIXED_EMA = (0.999, 0.995)  # the default decay, and the one the gdd table's retraining found better
+
+
+def max_steps(overrides: list[str]) -> int:
+    return int([o for o in overrides if o.startswith("trainer.max_steps=")][-1].split("=")[1])
+
+
+def phema_tracking(budget: str, quick: bool) -> list[str]:
+    """Post-hoc EMA tracking beside the fixed EMA: a snapshot every 1/16 of the budget's steps (every step for --quick)."""
+    every = 1 if quick else max_steps(BUDGETS[budget]) // PHEMA_SNAPSHOTS
+    return ["callbacks=phema", f"callbacks.phema.snapshot_every={every}"]
+
+
+def phema_runs(args) -> dict[str, Run]:
+    """The phema table's runs by model: an EDM teacher trained as the teacher table's with post-hoc EMA tracking, and
+    GDD from the teacher table's teacher (the gdd table's run, so that its rows score the same trained weights) with
+    tracking and the better fixed EMA, 0.995."""
+    teacher, quick = teacher_runs(args), args.quick
+    return {
+        "teacher": Run("phema_teacher", lambda seed: [*method("edm_teacher", quick), *phema_tracking("edm_teacher", quick)],
+                       args.out, args.extra),
+        "GDD": Run("phema_gdd", lambda seed: [
+            *method("gdd", quick), f"teacher.ckpt={teacher.ckpt(seed)}", "method.freeze.level=0",
+            *phema_tracking("gdd", quick), f"callbacks.ema.decay={GDD_FIXED_EMA[1]}"], args.out, [*args.extra, *args.gdd_extra]),
+    }
+
+
+def reconstruct(run: Path, sigma_rels: tuple[float, ...]) -> dict[float, Path]:
+    """``python -m fewstep.phema RUN sigma_rel=...`` for the targets not reconstructed yet: each target's checkpoint."""
+    from fewstep.phema import RECONSTRUCTED_DIR, SNAPSHOT_DIR, reconstructed_path
+
+    paths = {s: reconstructed_path(run / SNAPSHOT_DIR / RECONSTRUCTED_DIR, s) for s in sigma_rels}
+    missing = [s for s, path in paths.items() if not path.is_file()]
+    if missing:
+        command = [sys.executable, "-m", "fewstep.phema", str(run), "sigma_rel=" + ",".join(map(repr, missing))]
+        print(f"[phema] {' '.join(command[2:])}", flush=True)
+        with open(run / "phema.log", "a") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise SystemExit(f"post-hoc EMA of {run} failed: see {run / 'phema.log'}")
+    return paths
+
+
+def ema_decay(run: Path) -> float:
+    """The fixed EMA's decay that a run trained with."""
+    from omegaconf import OmegaConf
+
+    return float(OmegaConf.load(layout.saved_config(run)).callbacks.ema.decay)
+
+
+def profile_error(path: Path) -> float:
+    """A reconstruction's relative L2 distance from its target profile, as ``fewstep.phema`` recorded it."""
+    from fewstep.checkpoints import read_checkpoint
+
+    return float(read_checkpoint(path)["fewstep"]["phema"]["profile_error"])
+
+
+def gdd_table_rows(args) -> Rows | None:
+    """The gdd table's rows at this --out when its last call had this table's --n, --set and --gdd-set (its markdown's
+    first line), else None."""
+    rows, text = args.out / "gdd.json", args.out / "gdd.md"
+    if rows.is_file() and text.is_file() and f"{settings(args)}:" in text.read_text().splitlines()[0]:
+        return Rows(rows, args.seeds)
+    return None
+
+
+def default_ema_gdd(args, rows: Rows, seed: int, step: int) -> None:
+    """GDD with the default fixed EMA at the phema GDD run's last step: the gdd table's row of this --out's run (the same
+    teacher, seed and overrides, so the same trained weights when training repeats bit for bit), else that run trained
+    here and scored."""
+    label, run = f"GDD, fixed EMA {GDD_FIXED_EMA[0]:g}", gdd_run(args, 0)
+    source = gdd_table_rows(args)
+    key = {**dict(zip(ROW_KEY, (f"{gdd_label(0)} @ {step}", seed, "euler", 1, args.n))), **ROW_DEFAULTS,
+           "ckpt": str(layout.checkpoints(run.dir(seed)) / f"step_{step:07d}.ckpt")}
+    if source is None or rows.adopt(source, key, label) is None:
+        run.train(seed)
+        rows.get(label, seed, layout.kept_checkpoints(run.dir(seed))[step], "euler", 1, args.n)
+
+
+def table_phema(args, rows: Rows) -> list[str]:
+    """Post-hoc EMA against fixed EMAs on the same trained weights: the EDM teacher at its best sampler cell and GDD at
+    one step, each reconstructed at every sigma_rel of PHEMA_SIGMA_REL from one run's snapshots."""
+    from fewstep.phema import sigma_rel_to_gamma
+
+    if any(o.startswith("callbacks.ema.decay=") for o in args.gdd_extra):
+        raise SystemExit("the phema table sets the GDD runs' fixed EMAs itself (0.999 and 0.995): leave "
+                         "callbacks.ema.decay out of --gdd-set")
+    teacher, runs = teacher_runs(args), phema_runs(args)
+    sigma_rels = QUICK_PHEMA_SIGMA_REL if args.quick else PHEMA_SIGMA_REL
+    edm = best_edm_teacher(args)  # without a teacher table at this --out: EDM's stochastic sampler (4 NFE for --quick)
+    cells = {"teacher": (edm.sampler, edm.nfe) if edm else ("edm_sde", 4 if args.quick else 35), "GDD": ("euler", 1)}
+    errors: dict[str, dict[float, float]] = {model: {} for model in runs}  # the largest profile error over seeds
+    for seed in args.seeds:
+        teacher.train(seed)
+        for model, run in runs.items():
+            run.train(seed)
+            sampler, nfe = cells[model]
+            for sigma_rel, path in reconstruct(run.dir(seed), sigma_rels).items():
+                rows.get(f"{model}, sigma_rel {sigma_rel:g}", seed, path, sampler, nfe, args.n)
+                errors[model][sigma_rel] = max(errors[model].get(sigma_rel, 0.0), profile_error(path))
+            rows.get(f"{model}, fixed EMA {ema_decay(run.dir(seed)):g}", seed, run.ckpt(seed), sampler, nfe, args.n)
+            rows.get(f"{model}{RAW}", seed, run.ckpt(seed), sampler, nfe, args.n, weights="raw")
+        default_ema_gdd(args, rows, seed, max(layout.kept_checkpoints(runs["GDD"].dir(seed))))
+
+    phema = {model: {s: stat(rows.select(f"{model}, sigma_rel {s:g}")) for s in sigma_rels} for model in runs}
+    fixed = {model: {label: stat(rows.select(label)) for label in sorted({r["label"] for r in rows.rows})
+                     if label.startswith(f"{model}, fixed EMA ") and rows.select(label)} for model in runs}
+    heading = {model: f"{model} ({sampler}, {nfe} NFE)" for model, (sampler, nfe) in cells.items()}
+    lines = [f"| averaging | {heading['teacher']} | profile error | {heading['GDD']} | profile error |", "|---|---|---|---|---|"]
+    gammas = dict(zip(sigma_rels, sigma_rel_to_gamma(list(sigma_rels)).tolist()))
+    for s in sigma_rels:
+        lines.append(f"| sigma_rel {s:g} (gamma {gammas[s]:.3g}) | {phema['teacher'][s]} | {errors['teacher'][s]:.1e} | "
+                     f"{phema['GDD'][s]} | {errors['GDD'][s]:.1e} |")
+    decays = sorted({label.rsplit(" ", 1)[1] for model in runs for label in fixed[model]}, key=float, reverse=True)
+    for decay in decays:
+        cell = {model: fixed[model].get(f"{model}, fixed EMA {decay}", "") for model in runs}
+        lines.append(f"| fixed EMA {decay} | {cell['teacher']} | | {cell['GDD']} | |")
+    lines.append(f"| trained weights | {stat(rows.select('teacher' + RAW))} | | {stat(rows.select('GDD' + RAW))} | |")
+    steps = {model: max(layout.kept_checkpoints(run.dir(args.seeds[0]))) for model, run in runs.items()}
+    every = {model: phema_tracking(budget, args.quick)[1].split("=")[1] for model, budget in (("teacher", "edm_teacher"), ("GDD", "gdd"))}
+    where = "the teacher table's best sampler cell" if edm else "EDM's stochastic sampler (no teacher table at this --out)"
+    lines += ["", f"fid_domain, mean ± std over training seeds, of one run per seed and model: the EDM teacher "
+              f"({steps['teacher']} steps, the teacher table's budget) at {where}, "
+              f"GDD ({steps['GDD']} steps from the teacher table's teacher) at one step. Each run tracks EDM2's "
+              f"power-function EMAs at sigma_rel 0.05 and 0.1 with a snapshot every {every['teacher']} (teacher) and "
+              f"{every['GDD']} (GDD) steps; `python -m "
+              "fewstep.phema` reconstructs each sigma_rel from them after training (its profile error: the largest over "
+              "seeds, relative L2 from the exact profile). The fixed EMAs and the trained weights are of the same runs, "
+              f"except GDD's {GDD_FIXED_EMA[0]:g}: the gdd table's run from the same teacher and seed (its rows, when "
+              "saved at this --out), whose trained weights are the same where training repeats bit for bit. The best "
+              "reconstruction is picked on the same sample sets it is scored on, which favours it by up to about the "
+              "sampling spread.", "", "| claim | ours | verdict |", "|---|---|---|"]
+    for model in runs:
+        if fixed[model]:
+            best_s = min(sigma_rels, key=lambda s: phema[model][s].mean)
+            best_fixed = min(fixed[model], key=lambda label: fixed[model][label].mean)
+            ours, theirs = same_seeds(rows.select(f"{model}, sigma_rel {best_s:g}"), rows.select(best_fixed))
+            lines.append(f"| {model}: the best reconstructed sigma_rel matches or beats the best fixed decay (met: beats "
+                         f"it; within noise: matches it) | sigma_rel {best_s:g} {stat(ours)} vs "
+                         f"{best_fixed.split(', ', 1)[1]} {stat(theirs)} | {verdict(stat(ours), stat(theirs))} |")
+    curves = {heading[model]: phema[model] for model in runs}
+    for model in runs:
+        for label, value in fixed[model].items():
+            curves[label] = {s: value for s in sigma_rels}
+    figure(curves, args.out / "phema.png", "Post-hoc EMA against fixed EMAs (dashed), mean ± std",
+           xlabel="sigma_rel", dashed={label for model in runs for label in fixed[model]})
+    return lines
+
+
+# autoguidance (docs/autoguidance.md): the teacher guided by its own earlier checkpoint, unconditional
+AUTOGUIDANCE_W = (0.25, 0.5, 1.0, 2.0)  # fewstep's w: D_guide + (1 + w)(D - D_guide); the paper's w' = 1 + w
+AUTOGUIDANCE_NFE = (16, 35)
+AUTOGUIDANCE_SAMPLERS = ("heun", "edm_sde")  # the teacher's deterministic sampler and EDM's stochastic one
+QUICK_AUTOGUIDANCE = {"w": (1.0,), "nfe": (2,)}
+
+
+def guide_checkpoint(run: Path, fraction: float, quick: bool = False) -> tuple[int, Path]:
+    """The run's kept checkpoint before its last that is nearest ``fraction`` of its steps: (step, path). A quick run
+    that kept one checkpoint is guided by it (a model guided by itself samples as unguided)."""
+    kept = layout.kept_checkpoints(run)
+    last = max(kept)
+    earlier = [step for step in kept if step < last]
+    if not earlier and not quick:
+        raise SystemExit(f"{run} kept no checkpoint before its last: train its teacher with trainer.val_check_interval "
+                         "below trainer.max_steps")
+    step = min(earlier or [last], key=lambda s: abs(s - fraction * last))
+    return step, kept[step]
+
+
+def guided_label(w: float, step: int | None) -> str:
+    return "W = 0" if not w else f"W = {w:g}, guide @ {step}"
+
+
+def table_autoguidance(args, rows: Rows) -> list[str]:
+    """The teacher table's teacher guided by its own checkpoint at about --guide-at of its steps, at each W of
+    AUTOGUIDANCE_W against W = 0, with heun and edm_sde at 16 and 35 NFE."""
+    teacher = teacher_runs(args)
+    ws = QUICK_AUTOGUIDANCE["w"] if args.quick else AUTOGUIDANCE_W
+    nfes = QUICK_AUTOGUIDANCE["nfe"] if args.quick else AUTOGUIDANCE_NFE
+    source = Rows(args.out / "teacher.json", args.seeds)
+    guides = {}
+    for seed in args.seeds:
+        teacher.train(seed)
+        guides[seed] = guide_checkpoint(teacher.dir(seed), args.guide_at, args.quick)
+        ckpt = teacher.ckpt(seed)
+        for sampler in AUTOGUIDANCE_SAMPLERS:
+            for nfe in nfes:
+                # W = 0: the teacher table's row of the same checkpoint and cell, when saved
+                key = {**dict(zip(ROW_KEY, ("teacher", seed, sampler, nfe, args.n))), **ROW_DEFAULTS, "ckpt": str(ckpt.resolve())}
+                if rows.adopt(source, key, guided_label(0, None)) is None:
+                    rows.get(guided_label(0, None), seed, ckpt, sampler, nfe, args.n)
+                for w in ws:
+                    rows.get(guided_label(w, guides[seed][0]), seed, ckpt, sampler, nfe, args.n, guide=guides[seed][1], guidance=w)
+    step = guides[args.seeds[0]][0]
+    last = max(layout.kept_checkpoints(teacher.dir(args.seeds[0])))
+    columns = [0.0, *ws]
+    cell = {(sampler, nfe, w): stat(rows.select(guided_label(w, step), sampler, nfe))
+            for sampler in AUTOGUIDANCE_SAMPLERS for nfe in nfes for w in columns if rows.select(guided_label(w, step), sampler, nfe)}
+    lines = []
+    for nfe in nfes:
+        lines += [f"{nfe} NFE:", "", "| sampler | " + " | ".join("W = 0 (no guidance)" if not w else f"W = {w:g}" for w in columns)
+                  + " |", "|---|" + "---|" * len(columns)]
+        for sampler in AUTOGUIDANCE_SAMPLERS:
+            lines.append(f"| {sampler} | " + " | ".join(str(cell.get((sampler, nfe, w), "")) for w in columns) + " |")
+        lines.append("")
+    lines += [f"fid_domain, mean ± std over training seeds, of the teacher table's teachers ({last} steps), unconditional, "
+              f"each guided by its own checkpoint at step {step} (about {args.guide_at:g} of its steps; EMA weights, as "
+              "the model's): D_guide + (1 + W)(D - D_guide) at every sigma, the paper's w' = 1 + W (W = 0: no guidance, "
+              "the teacher table's rows where saved). One NFE is one guided evaluation (the model and the guide once "
+              "each). The best W is picked on the same sample sets it is scored on, which favours it by up to about the "
+              "sampling spread.", "", "| claim | ours | verdict |", "|---|---|---|"]
+    for nfe in nfes:
+        for sampler in AUTOGUIDANCE_SAMPLERS:
+            guided = [w for w in ws if (sampler, nfe, w) in cell]
+            if guided and (sampler, nfe, 0.0) in cell:
+                best = min(guided, key=lambda w: cell[(sampler, nfe, w)].mean)
+                ours, theirs = same_seeds(rows.select(guided_label(best, step), sampler, nfe),
+                                          rows.select(guided_label(0, None), sampler, nfe))
+                lines.append(f"| autoguidance with an earlier checkpoint improves fid_domain at {nfe} NFE ({sampler}) | "
+                             f"best W = {best:g}: {stat(ours)} vs W = 0: {stat(theirs)} | {verdict(stat(ours), stat(theirs))} |")
+    figure({f"{sampler}, {nfe} NFE": {w: cell[(sampler, nfe, w)] for w in columns if (sampler, nfe, w) in cell}
+            for sampler in AUTOGUIDANCE_SAMPLERS for nfe in nfes},
+           args.out / "autoguidance.png", f"Autoguidance by the step-{step} checkpoint, mean ± std",
+           xlabel="guidance W (0: none)", xscale="linear")
+    return lines
+
+
 # -- output -------------------------------------------------------------------------------------------------------
 def fid_nfe_table(curves: dict[str, dict[int, Stat]], nfes: list[int]) -> list[str]:
     columns, cells = grid({sampler: curve for sampler, curve in curves.items() if curve}, str, nfes, sort=False)
@@ -924,9 +1186,11 @@ def fid_nfe_table(curves: dict[str, dict[int, Stat]], nfes: list[int]) -> list[s
     return lines
 
 
-def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str, xlabel: str = "NFE", xscale: str = "log") -> None:
-    """fid_domain against NFE (or what ``xlabel`` says), mean and std over training seeds; the peers dashed."""
-    plot("fid_domain", curves, path, title=title, xlabel=xlabel, xscale=xscale, dashed=PEER_NAMES, sort=False)
+def figure(curves: dict[str, dict[int, Stat]], path: Path, title: str, xlabel: str = "NFE", xscale: str = "log",
+           dashed: Collection[str] = PEER_NAMES) -> None:
+    """fid_domain against NFE (or what ``xlabel`` says), mean and std over training seeds; the peers (or ``dashed``)
+    dashed."""
+    plot("fid_domain", curves, path, title=title, xlabel=xlabel, xscale=xscale, dashed=dashed, sort=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -943,6 +1207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="extra", action="append", default=[], help="an override for every training run")
     parser.add_argument("--gdd-set", dest="gdd_extra", action="append", default=[],
                         help="gdd table: an override for the GDD runs only, not their teachers (e.g. callbacks.ema.decay=0.995)")
+    parser.add_argument("--guide-at", type=float, default=0.25,
+                        help="autoguidance table: the guide is the teacher's kept checkpoint nearest this share of its steps")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny network, two steps, n = 16")
     parser.add_argument("--only", nargs="+", default=None,
                         help="students table: train and evaluate only these runs (e.g. ddil_noreflect_progressive)")
@@ -994,6 +1260,11 @@ def run_seeds_in_parallel(table: str, args, argv: list[str]) -> None:
         raise SystemExit(f"{table}: seeds {failed} failed: see {args.out}/{table}_seed<S>.log")
 
 
+def settings(args) -> str:
+    """The options that decide a table's runs and rows, as its markdown's first line gives them."""
+    return f" --n {args.n}{''.join(f' --set {e}' for e in args.extra)}{''.join(f' --gdd-set {e}' for e in args.gdd_extra)}"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -1006,8 +1277,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = Rows(args.out / f"{table}.json", args.seeds)
         lines = globals()[f"table_{table}"](args, rows)
         minutes = (time.perf_counter() - start) / 60
-        header = [f"<!-- python tools/reproduce.py {table} --seeds {' '.join(map(str, args.seeds))} --n {args.n}"
-                  f"{''.join(f' --set {e}' for e in args.extra)}{''.join(f' --gdd-set {e}' for e in args.gdd_extra)}"
+        header = [f"<!-- python tools/reproduce.py {table} --seeds {' '.join(map(str, args.seeds))}{settings(args)}"
                   f": {minutes:.1f} min this call -->", ""]
         text = "\n".join(header + lines) + "\n"
         (args.out / f"{table}.md").write_text(text)
