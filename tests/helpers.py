@@ -4,8 +4,10 @@ point as a user would. Fixtures and hooks live in conftest.py."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +62,17 @@ def run_module(module: str, *args: str, cwd: Path) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
+
+
+def kill_after_checkpoint(command: list[str], run_dir: Path, cwd: Path, env: dict, step: int = 4) -> None:
+    """Run ``command`` (a training run into ``run_dir``) and SIGKILL it once its checkpoint of ``step`` exists."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / f"step_{step:07d}.ckpt").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
 
 
 def fit_to_mixture(method, law, steps: int, lr: float = 3e-3, batch: int = 256, betas=(0.9, 0.999)) -> None:

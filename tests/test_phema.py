@@ -4,10 +4,8 @@ callback that tracks the EMAs and writes their snapshots (atomically, resumed bi
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import lightning as L
@@ -35,7 +33,7 @@ from fewstep.phema import (
     sigma_rel_to_gamma,
 )
 
-from helpers import REPO
+from helpers import REPO, kill_after_checkpoint
 
 NET = {"_target_": "fewstep.networks.UNet", "model_channels": 4, "channel_mult": [1], "num_res_blocks": 1, "attn_levels": []}
 SHAPE = [1, 8, 8]
@@ -331,14 +329,7 @@ def test_a_run_killed_mid_way_and_resumed_keeps_every_tracked_ema_bit_for_bit(tm
     whole = subprocess.run(command(tmp_path / "whole"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = tmp_path / "killed"  # slow validations (a 400-NFE sample grid) leave time to kill it after step 4
-    process = subprocess.Popen(command(killed, "callbacks.sample_grid.nfe=400"), cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "step_0000004.ckpt").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
+    kill_after_checkpoint(command(killed, "callbacks.sample_grid.nfe=400"), killed, tmp_path, env)
     resumed = subprocess.run(command(killed, "resume=auto"), cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -2,10 +2,8 @@
 
 import errno
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from fewstep.generate import generate
 from fewstep.methods import EDMTeacher
 from fewstep.train import train
 
-from helpers import REPO
+from helpers import REPO, kill_after_checkpoint
 
 # A tiny run with a checkpoint every 2 steps (what a real run does every val_check_interval steps).
 RUN = [
@@ -60,16 +58,7 @@ def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrup
     # the same run (a student: with the teacher the first run trained), killed with SIGKILL once its first checkpoints
     # exist; slow validations (a 400-NFE sample grid, or a student's many steps) leave time to kill it before the end
     killed_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        command(killed_dir, *method, "callbacks.sample_grid.nfe=400"), cwd=tmp_path, env=environment(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    while not (killed_dir / "checkpoints" / "step_0000004.ckpt").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
+    kill_after_checkpoint(command(killed_dir, *method, "callbacks.sample_grid.nfe=400"), killed_dir, tmp_path, environment())
     reached = read_checkpoint(latest_checkpoint(killed_dir / "checkpoints"))["global_step"]
     # killed mid-run; on a loaded machine the kill can land while step 4's file is still being written, and
     # last.ckpt, which the run continues from, still holds step 2

@@ -532,16 +532,23 @@ def _build(path: Path, class_name: str, init_args: tuple, init_kwargs: dict, sta
     # the file's arguments are data: checked by name and type, then passed as plain values (model_kwargs flattened,
     # which EDM's preconditionings take as **model_kwargs)
     arguments = check_edm_arguments(path, class_name, init_args, init_kwargs)
+    return _instantiate(path, EDM_CLASSES[class_name], class_name, arguments, state_dict)
+
+
+def _instantiate(path: Path, cls: type, name: str, arguments: dict, state_dict: dict) -> torch.nn.Module:
+    """``cls(**arguments)`` (checked arguments) with the file's weights, in float32, in eval mode; one line otherwise."""
     try:
-        module = EDM_CLASSES[class_name](**arguments)
+        module = cls(**arguments)
     except Exception as error:  # arguments from the file that this implementation does not take
         raise CheckpointError(one_line(
-            f"'{path}': cannot build {class_name} from the recorded arguments ({type(error).__name__}: {error})"
+            f"'{path}': cannot build {name} from the recorded arguments ({type(error).__name__}: {error})"
         )) from None
-    misfit = _first_misfit(module.state_dict(), state_dict, class_name)
+    misfit = _first_misfit(module.state_dict(), state_dict, name)
     if misfit:
-        raise CheckpointError(f"'{path}': the weights do not fit fewstep's {class_name}: {misfit}")
-    module.load_state_dict(state_dict, strict=True)
+        raise CheckpointError(f"'{path}': the weights do not fit fewstep's {name}: {misfit}")
+    # EDM2 stores its EMA in float16: fewstep's networks compute in float32 (EDM2's use_fp16 casts on CUDA)
+    module.load_state_dict({key: value.float() if value.is_floating_point() else value
+                            for key, value in state_dict.items()}, strict=True)
     module.edm_arguments = arguments  # what rebuilds it: fewstep's model config (edm_network_config)
     return module.eval()
 
@@ -551,19 +558,7 @@ def _build_edm2(path: Path, class_name: str, init_args: tuple, init_kwargs: dict
     from fewstep.networks.edm2 import EDM2_CLASSES
 
     arguments = _edm2_arguments(path, class_name, init_args, init_kwargs)
-    try:
-        module = EDM2_CLASSES[class_name](**arguments)
-    except Exception as error:  # arguments from the file that this implementation does not take
-        raise CheckpointError(one_line(
-            f"'{path}': cannot build EDM2's {class_name} from the recorded arguments ({type(error).__name__}: {error})"
-        )) from None
-    misfit = _first_misfit(module.state_dict(), state_dict, class_name)
-    if misfit:
-        raise CheckpointError(f"'{path}': the weights do not fit fewstep's EDM2 {class_name}: {misfit}")
-    # EDM2 stores its EMA in float16: fewstep's network computes in float32 (use_fp16 casts on CUDA, as EDM2)
-    module.load_state_dict({key: value.to(torch.float32) for key, value in state_dict.items()}, strict=True)
-    module.edm_arguments = arguments
-    return module.eval()
+    return _instantiate(path, EDM2_CLASSES[class_name], f"EDM2 {class_name}", arguments, state_dict)
 
 
 def _edm2_arguments(path: Path, class_name: str, init_args: Any, init_kwargs: Any) -> dict:
