@@ -10,8 +10,8 @@ import torch
 
 from fewstep.errors import ConfigError, FewstepError
 from fewstep.images import to_uint8
-from fewstep.samplers import CountingDenoiser, SeededNoise
-from fewstep.samplers.guidance import autoguided_denoiser, check_guide, check_interval, guided_denoiser
+from fewstep.samplers import SeededNoise
+from fewstep.samplers.guidance import check_guide, check_interval
 from fewstep.strategies import full_weights
 
 
@@ -29,7 +29,7 @@ def generate(
 
     Conditional methods get class labels i mod num_classes and classifier-free guidance ``guidance``; with ``guide``
     (a weaker model, ``load_guide``) the guidance is autoguidance instead, for unconditional methods too, and with
-    ``guidance_interval`` [sigma_lo, sigma_hi] either applies for sigma in that range only (``guided_model``).
+    ``guidance_interval`` [sigma_lo, sigma_hi] either applies for sigma in that range only (``sampling_model``).
     ``grid`` None is the method's default time grid. Returns (samples, labels or None, NFE per sample as counted).
 
     ``callback`` (k-diffusion style) gets a dict after each batch: ``i`` (the batch), ``done`` and ``total`` (samples
@@ -44,40 +44,14 @@ def generate(
         seeds = range(seed + offset + start, seed + offset + min(n, start + batch_size))
         noise = SeededNoise(seeds, method.device)
         batch_labels = None if labels is None else labels[start : start + len(seeds)]
-        samples, nfe_used = sample_batch(method, noise, sampler, nfe, batch_labels, guidance, grid, guide, guidance_interval,
-                                         solver_options)
+        samples, nfe_used = method.sample_batch(noise, sampler, nfe, batch_labels, guidance, grid, guide=guide,
+                                                interval=guidance_interval, **solver_options)
         if check_finite and not torch.isfinite(samples).all():
             raise NonFiniteSamples(non_finite_message(samples, seeds, n, guidance, solver_options))
         out.append(samples)
         if callback is not None:
             callback({"i": i, "done": start + len(seeds), "total": n, "x": samples, "seeds": seeds})
     return torch.cat(out), labels, nfe_used
-
-
-def sample_batch(method, noise, sampler, nfe, labels, guidance, grid, guide, interval, options) -> tuple[torch.Tensor, int]:
-    """``method.sample_batch``; with a guide or a guidance interval, the same on ``guided_model``: (x, NFE counted)."""
-    if guide is None and interval is None:
-        return method.sample_batch(noise, sampler, nfe, labels, guidance, grid, **dict(options))
-    counted = CountingDenoiser(guided_model(method, labels, guidance, guide, interval))
-    return method.draw(counted, noise, sampler, nfe, grid, dict(options)), counted.nfe
-
-
-def guided_model(method, class_labels, guidance, guide=None, interval=None):
-    """What the sampler calls, f(x, sigma): ``method``'s denoiser with autoguidance by ``guide``'s, or else with
-    classifier-free guidance when ``class_labels`` are given; only for sigma in ``interval`` when one is given.
-
-    One call of f is one NFE, as with classifier-free guidance: it evaluates both networks (the model and its guide,
-    or the conditional and the unconditional model in one batch) where guidance applies, the model alone elsewhere.
-    """
-    if guide is not None:
-        check_guide(method, guide)
-        return autoguided_denoiser(method.denoiser, guide.denoiser, guidance, class_labels, interval)
-    if getattr(method, "sampled", None) != "denoiser" or getattr(method, "guided", False):
-        raise ConfigError(f"guidance_interval is in EDM's noise levels sigma, and this {type(method).__name__} is not "
-                          "sampled through a denoiser D(x, sigma) with classifier-free guidance: use guidance_interval=null")
-    if class_labels is None:
-        return method.denoiser
-    return guided_denoiser(method.denoiser, guidance, class_labels, method.null_label, interval)
 
 
 def load_guide(method, guide: str | None, guidance: float, interval=None, map_location="cpu", weights: str = "ema"):

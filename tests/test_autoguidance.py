@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fewstep.errors import CheckpointError, ConfigError, FewstepError
-from fewstep.generate import generate, guided_model, load_guide
+from fewstep.generate import generate, load_guide
 from fewstep.methods.base import DenoiserMethod
 from fewstep.samplers import SeededNoise, sample
 from fewstep.samplers.guidance import autoguided_denoiser, check_guide, check_interval, guided_denoiser
@@ -201,7 +201,7 @@ def test_a_guide_that_does_not_fit_is_refused_in_one_line():
         check_guide(ExactGaussian(0.5), kac_model())
     assert "KacTeacher, sampled through its velocity and not an EDM-space denoiser" in one_line(error)
     with pytest.raises(ConfigError) as error:  # nor can one be guided
-        guided_model(kac_model(), None, 1.0, ExactGaussian(0.5))
+        kac_model().sampling_model(None, 1.0, ExactGaussian(0.5))
     assert "the model is a KacTeacher" in one_line(error)
     with pytest.raises(ConfigError) as error:  # an interval is in sigma, which a Kac flow has not
         generate(kac_model(), 2, "kac_euler", 2, guidance_interval=[0.1, 1.0])

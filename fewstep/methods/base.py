@@ -13,10 +13,11 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from fewstep.constructors import build, plain
-from fewstep.errors import TrainingDiverged
+from fewstep.errors import ConfigError, TrainingDiverged
 from fewstep.methods.noise import BatchNoise
 from fewstep.networks.preconditioning import edm_denoise
 from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
+from fewstep.samplers.guidance import autoguided_denoiser, check_guide
 
 RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
 
@@ -88,18 +89,35 @@ class GenerativeMethod(L.LightningModule):
     # -- sampling: one template, ``draw`` the hook -------------------------------------------------------------
     sampled = "denoiser"  # the model samplers call: denoiser(x, sigma, class_labels), or a Kac model's velocity
 
-    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None, **options):
+    def sample_batch(self, noise, sampler: str, nfe: int, class_labels=None, guidance: float = 0.0, grid=None,
+                     guide=None, interval=None, **options):
         """Samples for the seeds of ``noise`` (a SeededNoise) with at most ``nfe`` network calls: (x, NFE counted).
 
-        ``draw`` runs the sampler on the model, guided when labelled (``sampling_model``) and counted.
+        ``draw`` runs the sampler on the model, guided as ``sampling_model`` says, and counted.
         """
-        counted = CountingDenoiser(self.sampling_model(class_labels, guidance))
+        counted = CountingDenoiser(self.sampling_model(class_labels, guidance, guide, interval))
         return self.draw(counted, noise, sampler, nfe, grid, options), counted.nfe
 
-    def sampling_model(self, class_labels, guidance: float):
-        """What the sampler calls, f(x, sigma): ``sampled`` with classifier-free guidance when ``class_labels`` are given."""
+    def sampling_model(self, class_labels, guidance: float, guide=None, interval=None):
+        """What the sampler calls, f(x, sigma): ``sampled``, with autoguidance by ``guide``'s denoiser when one is given
+        (Karras et al. 2024), else with classifier-free guidance when ``class_labels`` are given; only for sigma in
+        ``interval`` [sigma_lo, sigma_hi] when one is given (Kynkaanniemi et al. 2024).
+
+        One call of f is one NFE: where guidance applies it evaluates both networks (the model and its guide, or the
+        conditional and the unconditional model in one batch), elsewhere the model alone.
+        """
         model = getattr(self, self.sampled)
-        return model if class_labels is None else guided_denoiser(model, guidance, class_labels, self.null_label)
+        if guide is None and interval is None:
+            return model if class_labels is None else guided_denoiser(model, guidance, class_labels, self.null_label)
+        if guide is not None:
+            check_guide(self, guide)
+            return autoguided_denoiser(self.denoiser, guide.denoiser, guidance, class_labels, interval)
+        if self.sampled != "denoiser" or getattr(self, "guided", False):
+            raise ConfigError(f"guidance_interval is in EDM's noise levels sigma, and this {type(self).__name__} is not "
+                              "sampled through a denoiser D(x, sigma) with classifier-free guidance: use guidance_interval=null")
+        if class_labels is None:
+            return model
+        return guided_denoiser(model, guidance, class_labels, self.null_label, interval)
 
     def sampler_defaults(self) -> dict:
         """The sampler options (``grid`` included) this model is sampled with unless told otherwise."""

@@ -113,10 +113,10 @@ class Consistency(DistilledStudent):
     def denoiser(self, x, sigma, class_labels=None, w=None):
         return self.consistency_fn(self.net, x, sigma, class_labels, w)
 
-    def sampling_model(self, class_labels, guidance: float):
+    def sampling_model(self, class_labels, guidance: float, guide=None, interval=None):
         """A guided student takes the guidance scale w through its embedding: one call per step, no unconditional one."""
-        if not self.guided or class_labels is None:
-            return super().sampling_model(class_labels, guidance)
+        if not self.guided or class_labels is None or guide is not None or interval is not None:
+            return super().sampling_model(class_labels, guidance, guide, interval)
         w = torch.full((class_labels.shape[0],), float(guidance), device=class_labels.device)
         return lambda x, sigma: self.denoiser(x, sigma, class_labels, w)
 
