@@ -93,7 +93,8 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
         f"[bold]teacher[/]: none found under {cfg.paths.root}/{teacher.method} for this data and model; training {kind} "
         f"first ({teacher_cfg.trainer.max_steps} steps) in {teacher_cfg.paths.output_dir}"
     )
-    save_config(teacher_cfg)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # a DDP rank above 0 trains into rank 0's run, which saved it
+        save_config(teacher_cfg)
     fit(teacher_cfg)
     return layout.last_checkpoint(teacher_cfg.paths.output_dir).resolve()
 
@@ -106,6 +107,19 @@ def composed_method(name: str) -> DictConfig:
         return compose("train", overrides=[f"method={name}"]).method
 
 
+TEACHER_RUN = "FEWSTEP_TEACHER_RUN"  # rank 0's new teacher directory, in the environment its DDP ranks start with
+
+
+def new_teacher_dir(root, method: str, data: str) -> Path:
+    """A new teacher run's directory. Under DDP Lightning starts the other ranks as this command again once rank 0
+    fits the teacher: they take rank 0's directory from their environment rather than stamp one of their own."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(TEACHER_RUN):
+        return Path(os.environ[TEACHER_RUN])
+    out = layout.run_dir(root, method, data)
+    os.environ[TEACHER_RUN] = str(out)
+    return out
+
+
 def teacher_config(cfg: DictConfig) -> DictConfig:
     """This run's config with the teacher method (``method=<teacher.method>``) and its own run directory; under
     trainer=debug as many steps as the debug run takes."""
@@ -114,7 +128,7 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
     for key in ("conditional", "label_dropout"):  # the student's conditioning, where its config sets it
         if key in cfg.method:
             method[key] = cfg.method[key]
-    out = layout.run_dir(cfg.paths.root, teacher.method, data_name(cfg))
+    out = new_teacher_dir(cfg.paths.root, teacher.method, data_name(cfg))
     stages = staged(cfg)
     # the teacher's sample grid: its own sampler (teacher.sampler), at the staged teacher's steps or teacher.nfe
     nfe = stages[0] if stages else teacher.get("nfe", 35)

@@ -204,3 +204,22 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     for weights in ("state_dict", "current_model_state"):  # the EMA weights and the trained ones
         for key, value in one[weights].items():  # the same data and noise; only the gradient sum's order differs
             torch.testing.assert_close(two[weights][key], value, rtol=1e-4, atol=1e-5, msg=f"{weights} {key}")
+
+
+@pytest.mark.slow
+def test_a_ddp_student_that_trains_its_own_teacher_trains_one_teacher_on_both_ranks(tmp_path):
+    # Lightning starts rank 1 as this command again once rank 0 fits the teacher: it must join rank 0's teacher run
+    # rather than stamp a directory of its own
+    result = subprocess.run(
+        command(tmp_path / "student", "method=consistency", "teacher.max_steps=2", "trainer.max_steps=2",
+                "trainer.val_check_interval=2", "data.batch_size=4", "trainer.devices=2", "trainer.strategy=ddp",
+                f"paths.root={tmp_path / 'outputs'}"),
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    teachers = sorted((tmp_path / "outputs" / "edm_teacher").glob("*/*"))
+    assert len(teachers) == 1, teachers
+    student = read_checkpoint(tmp_path / "student" / "checkpoints" / "last.ckpt")
+    assert student["global_step"] == 2
+    assert student["hyper_parameters"]["teacher_ckpt"] == str((teachers[0] / "checkpoints" / "last.ckpt").resolve())
+    assert read_checkpoint(teachers[0] / "checkpoints" / "last.ckpt")["global_step"] == 2
