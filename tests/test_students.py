@@ -103,6 +103,19 @@ def test_progressive_rounds_halve_from_start_to_end_and_reject_other_ends():
             halving_stages(start, end)
 
 
+def test_progressive_guides_its_first_round_only():
+    options = {"guidance": 2.0, "guide": "weak.ckpt", "guidance_interval": [0.5, 5.0], "start_steps": 8, "end_steps": 2}
+    first = Progressive.stage_options(options, None, "teacher.ckpt", 8, 4, "heun")
+    assert (first["guidance"], first["guide"], first["guidance_interval"]) == (2.0, "weak.ckpt", [0.5, 5.0])
+    later = Progressive.stage_options(options, None, "round1.ckpt", 4, 2, None)  # taught by the guided round's student
+    assert (later["guidance"], later["guide"], later["guidance_interval"]) == (0.0, None, None)
+    assert "start_steps" not in later  # the pipeline's options stay with the pipeline
+    taught = teacher(num_classes=3)
+    method = student(Progressive, taught, num_classes=3, **{k: v for k, v in later.items() if k != "teacher_ckpt"})
+    x, sigma, labels = torch.randn(3, *SHAPE), torch.full((3,), 1.5), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(method.teacher_denoise(x, sigma, labels), taught.denoiser(x, sigma, labels))
+
+
 # -- consistency distillation --------------------------------------------------------------------------------
 
 

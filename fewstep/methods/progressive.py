@@ -67,8 +67,10 @@ class Progressive(Staged, DistilledStudent):
 
     @classmethod
     def stage_settings(cls, teacher, teacher_steps, steps, first_sampler) -> dict:
-        """This round's student takes ``steps`` steps (its teacher twice as many)."""
-        return {"student_steps": steps}
+        """This round's student takes ``steps`` steps (its teacher twice as many). The first round learns the guided
+        teacher; later rounds' teachers are students that already hold the guidance, so it is applied once only."""
+        later = {} if first_sampler is not None else {"guidance": 0.0, "guide": None, "guidance_interval": None}
+        return {"student_steps": steps, **later}
 
     def state_loss(self, x, k, class_labels, rng):
         student, teacher = self.student_sigmas, self.grid(self.teacher_steps)
