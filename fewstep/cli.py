@@ -61,7 +61,8 @@ def check_overrides(argv: list[str]) -> None:
         if key not in groups or value in ("", "null"):
             continue
         choices = group_choices(key)
-        for choice in value.split(","):
+        listed = value.startswith("[") and value.endswith("]")  # callbacks=[benchmark,phema]: several of the group
+        for choice in (value[1:-1] if listed else value).split(","):
             if choice not in choices:
                 fail(f"unknown {key} '{choice}': choose one of {', '.join(choices)}")
 

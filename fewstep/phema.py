@@ -184,7 +184,7 @@ def read_snapshots(run: str | Path) -> list[Snapshot]:
     paths = sorted(p for p in directory.glob("phema-*.pt") if SNAPSHOT_NAME.fullmatch(p.name))
     if not paths:
         raise CheckpointError(f"no post-hoc EMA snapshots (phema-<step>-<sigma_rel>.pt) under '{directory}': train with "
-                              "callbacks=phema (or +callbacks.phema._target_=fewstep.callbacks.PowerFunctionEMA) and pass "
+                              "callbacks=phema (or callbacks=[benchmark,phema]) and pass "
                               "that run's directory")
     snapshots = sorted((read_snapshot(p) for p in paths), key=lambda s: (s.t, s.sigma_rel))
     first = snapshots[0]

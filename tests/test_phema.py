@@ -233,6 +233,8 @@ def test_the_callback_refuses_bad_settings_in_one_line():
 def test_callbacks_phema_sits_beside_the_fixed_ema_and_joins_any_other_choice(compose_cfg):
     from hydra.utils import instantiate
 
+    from fewstep.cli import check_overrides
+
     cfg = compose_cfg("train", ["callbacks=phema"])
     assert cfg.callbacks.ema is not None and cfg.callbacks.model_checkpoint is not None
     callback = instantiate(cfg.callbacks.phema)
@@ -241,6 +243,11 @@ def test_callbacks_phema_sits_beside_the_fixed_ema_and_joins_any_other_choice(co
     beside = compose_cfg("train", ["callbacks=benchmark", "+callbacks.phema._target_=fewstep.callbacks.PowerFunctionEMA"])
     assert beside.callbacks.sampler_benchmark is not None
     assert instantiate(beside.callbacks.phema).dirpath is None  # then <trainer.default_root_dir>/phema
+    check_overrides(["callbacks=[benchmark,phema]"])  # the entry point lets a list of the group's choices through
+    both = compose_cfg("train", ["callbacks=[benchmark,phema]"])
+    assert both.callbacks.sampler_benchmark is not None and both.callbacks.phema.dirpath is not None
+    with pytest.raises(SystemExit):
+        check_overrides(["callbacks=[benchmark,nope]"])
 
 
 RUN = [
