@@ -318,15 +318,8 @@ def check_edm_arguments(path: str | Path, class_name: str, init_args: Any, init_
 
     EDM_CLASSES, PRECONDITIONINGS = edm.EDM_CLASSES, getattr(edm, "PRECONDITIONINGS", {})
     try:
-        if not isinstance(init_args, (list, tuple)) or not isinstance(init_kwargs, Mapping):
-            raise UntrustedConfig("its recorded arguments are not a list and a mapping")
-        args = [_edm_plain(v) for v in init_args]
-        kwargs = {str(k): _edm_plain(v) for k, v in init_kwargs.items()}
         cls = EDM_CLASSES[class_name]
-        try:
-            bound = inspect.signature(cls).bind(*args, **kwargs).arguments
-        except TypeError as error:
-            raise UntrustedConfig(f"its arguments do not fit {class_name} ({error})") from None
+        bound = recorded_arguments(cls, class_name, init_args, init_kwargs)
         bound = {**{k: v for k, v in bound.items() if k != "model_kwargs"}, **bound.get("model_kwargs", {})}
         if class_name in PRECONDITIONINGS:
             known = edm_parameters(class_name, bound.get("model_type"), class_name)
@@ -334,19 +327,37 @@ def check_edm_arguments(path: str | Path, class_name: str, init_args: Any, init_
         else:
             known = {k: v for k, v in parameters(cls).items()}
             fixed = {"img_resolution": int, "in_channels": int, "out_channels": int, "label_dim": int}
-        for key, value in bound.items():
-            if key in fixed:
-                check_value(value, fixed[key], f"{class_name}.{key}")
-                if not 0 <= value <= 65536:
-                    raise UntrustedConfig(f"{class_name}.{key} = {value} is out of range")
-            elif key not in known:
-                raise UntrustedConfig(f"{class_name}.{key} is not an argument of fewstep's {class_name}")
-            else:
-                check_value(value, known[key][0], f"{class_name}.{key}", known[key][1])
+        check_arguments(class_name, bound, known, fixed)
         return bound
     except UntrustedConfig as error:
         raise UntrustedConfig(one_line(f"refusing '{path}': {error}; fewstep builds EDM's networks only from plain, "
                                        "typed constructor arguments")) from None
+
+
+def recorded_arguments(cls, class_name: str, init_args: Any, init_kwargs: Any) -> dict:
+    """A constructor call recorded in an EDM or EDM2 file, bound by name to ``cls``'s signature, as plain values."""
+    if not isinstance(init_args, (list, tuple)) or not isinstance(init_kwargs, Mapping):
+        raise UntrustedConfig("its recorded arguments are not a list and a mapping")
+    args = [_edm_plain(v) for v in init_args]
+    kwargs = {str(k): _edm_plain(v) for k, v in init_kwargs.items()}
+    try:
+        return dict(inspect.signature(cls).bind(*args, **kwargs).arguments)
+    except TypeError as error:
+        raise UntrustedConfig(f"its arguments do not fit {class_name} ({error})") from None
+
+
+def check_arguments(class_name: str, arguments: dict, known: dict, fixed: dict) -> None:
+    """Each recorded argument of ``class_name`` is a dimension named in ``fixed`` (an int in [0, 65536]) or a parameter
+    of ``known`` ({name: (type hint, default)}) of its type."""
+    for key, value in arguments.items():
+        if key in fixed:
+            check_value(value, fixed[key], f"{class_name}.{key}")
+            if not 0 <= value <= 65536:
+                raise UntrustedConfig(f"{class_name}.{key} = {value} is out of range")
+        elif key not in known:
+            raise UntrustedConfig(f"{class_name}.{key} is not an argument of fewstep's {class_name}")
+        else:
+            check_value(value, known[key][0], f"{class_name}.{key}", known[key][1])
 
 
 def _edm_plain(value: Any, depth: int = 0) -> Any:

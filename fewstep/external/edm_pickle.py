@@ -564,29 +564,14 @@ def _build_edm2(path: Path, class_name: str, init_args: tuple, init_kwargs: dict
 def _edm2_arguments(path: Path, class_name: str, init_args: Any, init_kwargs: Any) -> dict:
     """EDM2's recorded constructor arguments by name (Precond's, and the UNet's and Block's it passes on), each checked
     against the types of fewstep's ``edm2_denoiser``; returned as plain values."""
-    import inspect
-
     from fewstep.networks.edm2 import EDM2_CLASSES, edm2_denoiser
-    from fewstep.schema import UntrustedConfig, check_value, parameters
+    from fewstep.schema import UntrustedConfig, check_arguments, parameters, recorded_arguments
 
     known = {k: v for k, v in parameters(edm2_denoiser).items() if k not in ("data_shape", "num_classes")}
     try:
-        try:
-            bound = inspect.signature(EDM2_CLASSES[class_name]).bind(
-                *[_plain_value(v) for v in init_args], **{str(k): _plain_value(v) for k, v in init_kwargs.items()})
-        except TypeError as error:
-            raise UntrustedConfig(f"its arguments do not fit EDM2's {class_name} ({error})") from None
-        arguments = dict(bound.arguments)
+        arguments = recorded_arguments(EDM2_CLASSES[class_name], f"EDM2's {class_name}", init_args, init_kwargs)
         arguments.update(arguments.pop("unet_kwargs", None) or arguments.pop("block_kwargs", None) or {})
-        for key, value in arguments.items():
-            if key in ("img_resolution", "img_channels", "label_dim"):
-                check_value(value, int, f"{class_name}.{key}")
-                if not 0 <= value <= 65536:
-                    raise UntrustedConfig(f"{class_name}.{key} = {value} is out of range")
-            elif key not in known:
-                raise UntrustedConfig(f"{class_name}.{key} is not an argument of fewstep's EDM2 {class_name}")
-            else:
-                check_value(value, known[key][0], f"{class_name}.{key}", known[key][1])
+        check_arguments(f"EDM2 {class_name}", arguments, known, {"img_resolution": int, "img_channels": int, "label_dim": int})
         return arguments
     except UntrustedConfig as error:
         raise UntrustedConfig(one_line(f"refusing '{path}': {error}; fewstep builds EDM2's networks only from plain, "
