@@ -20,6 +20,8 @@ DIVERGENCES = {
     "js": (lambda r: r * torch.log(r) - (r + 1) * torch.log((r + 1) / 2), lambda log_r: torch.sigmoid(log_r)),
     "squared_hellinger": (lambda r: (r.sqrt() - 1) ** 2, lambda log_r: (log_r / 2).exp() / 2),
     "jeffreys": (lambda r: (r - 1) * torch.log(r), lambda log_r: log_r.exp() + 1),
+    "softened_reverse_kl": (lambda r: (r + 1) * torch.log((r + 1) / (2 * r)), lambda log_r: torch.sigmoid(-log_r)),
+    "neyman_chi_squared": (lambda r: (r - 1) ** 2 / r, lambda log_r: 2 * (-log_r).exp()),
 }
 
 
