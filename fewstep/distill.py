@@ -34,7 +34,7 @@ from fewstep.data.rollout import SOURCES, RolloutStates, check_weights
 from fewstep.errors import CheckpointError, ConfigError
 from fewstep.methods.base import DenoiserMethod
 from fewstep.methods.student import DistilledStudent
-from fewstep.methods.teacher import Staged, check_kind
+from fewstep.methods.teacher import GuidedTeacher, Staged, check_kind
 from fewstep.run_config import read_run_config
 
 console = Console(soft_wrap=True)  # long paths and commands stay on one line, to be copied
@@ -249,9 +249,9 @@ def train_student(cfg: DictConfig, fit: Callable, datamodule) -> dict:
 
 
 def attach_guide(student) -> None:
-    """The teacher's autoguidance model (``method.guide``), read and attached to an EDM-space student."""
+    """The teacher's autoguidance model (``method.guide``), read and attached to a student of a guided teacher."""
     path = student.hparams.get("guide")
-    if path and isinstance(student, DistilledStudent):
+    if path and isinstance(student, GuidedTeacher):
         try:
             guide = load_method(path)
         except CheckpointError as error:

@@ -149,6 +149,25 @@ def test_an_scd_student_starts_as_its_teachers_denoiser():
         torch.testing.assert_close(method.denoiser(x, torch.full((4,), sigma)), teacher_.denoiser(x, sigma), rtol=1e-4, atol=5e-5)
 
 
+def test_an_scd_students_teacher_is_autoguided_inside_its_interval_and_sct_takes_no_guide():
+    guide = teacher(seed=1)
+    method = SCM(net=UNET, data_shape=SHAPE, mode="scd", guidance=0.5, guidance_interval=[0.5, 5.0])
+    method.attach_teacher(teacher(seed=3))
+    method.attach_guide(guide, "weak.ckpt")
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    for sigma, guided in ((2.0, True), (0.2, False), (20.0, False)):
+        t = trigflow.sigma_to_t(torch.full((4,), sigma), SD)
+        x_t = x * t.cos().view(-1, 1, 1, 1)  # TrigFlow's x_t of EDM's x at sigma = sigma_d tan(t)
+        main, weak = method.teacher.denoiser(x, sigma), guide.denoiser(x, sigma)
+        D = 1.5 * main - 0.5 * weak if guided else main
+        expected = SD * trigflow.trigflow_velocity(lambda *_: D, SD)(x_t, t)  # the PF-ODE of the guided teacher
+        torch.testing.assert_close(method.teacher_velocity(x_t, t), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="use them with method.mode=scd"):
+        SCM(net=UNET, data_shape=SHAPE, guide="weak.ckpt")
+    with pytest.raises(ConfigError, match="attach the teacher first"):
+        SCM(net=UNET, data_shape=SHAPE, mode="scd").attach_guide(guide)
+
+
 def test_consistency_sampling_uses_the_papers_grids_at_any_nfe():
     method = SCM(net=UNET, data_shape=SHAPE)
     torch.testing.assert_close(method.sampling_sigmas(1), torch.tensor([80.0, 0.0]))

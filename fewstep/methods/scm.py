@@ -13,10 +13,10 @@ from fewstep.errors import ConfigError
 from fewstep.jvp import METHODS as JVP_METHODS
 from fewstep.jvp import jvp
 from fewstep.methods.base import DenoiserMethod, GenerativeMethod
-from fewstep.methods.teacher import TaughtMethod
+from fewstep.methods.teacher import GuidedTeacher
 from fewstep.networks.preconditioning import PreconditionedDenoiser
 from fewstep.processes import trigflow
-from fewstep.samplers import SOLVERS, check_solver, guided_denoiser
+from fewstep.samplers import SOLVERS, check_solver
 from fewstep.samplers.grids import GRIDS
 
 MODES = ("sct", "scd")
@@ -82,13 +82,14 @@ class AdaptiveWeight(nn.Module):
         return self.linear(torch.cat([angles.cos(), angles.sin()], dim=1)).squeeze(1)
 
 
-class SCM(TaughtMethod, GenerativeMethod):
+class SCM(GuidedTeacher, GenerativeMethod):
     """sCM (Lu & Song 2024): the consistency function f(x_t, t) = cos(t) x_t - sin(t) sigma_d F_theta(x_t / sigma_d,
     c_noise(t)) on TrigFlow, trained with the continuous-time objective of Algorithm 1:
 
     loss = e^w(t) / D ||F_theta - F_theta^- - g / (||g|| + c)||^2 - w(t), t = arctan(e^tau / sigma_d),
     tau ~ N(P_mean, P_std^2), g from ``scm_tangent`` with dx_t/dt = cos(t) z - sin(t) x0 (``mode=sct``, from data)
-    or sigma_d F_teacher (``mode=scd``, the teacher's PF-ODE, classifier-free guided by ``guidance``).
+    or sigma_d F_teacher (``mode=scd``, the teacher's PF-ODE, guided by ``guidance``: classifier-free, or autoguidance
+    by ``guide``).
 
     F_theta^- is F_theta's own output detached: one JVP pass gives both, so a dropout mask is the same in the
     tangent and in the trained output. In EDM's sigma space f is ``denoiser(x, sigma)``; with EDM's preconditioning
@@ -105,7 +106,8 @@ class SCM(TaughtMethod, GenerativeMethod):
         sigma_min: float = 0.002, sigma_max: float = 80.0, time_input: str | None = None, tangent_warmup: int = 10000,
         tangent_c: float | None = 0.1, adaptive_weight: bool = True, weight_channels: int = 64,
         prior_weighting: bool = False, jvp_method: str = "forward", jvp_step: float = 1e-3, guidance: float = 0.0,
-        sample_t_mid: float = 1.1, teacher_ckpt: str | None = None, **kwargs,
+        sample_t_mid: float = 1.1, teacher_ckpt: str | None = None, guide: str | None = None,
+        guidance_interval: list[float] | None = None, **kwargs,
     ):
         if mode == "sct" and time_input in (None, "trigflow"):
             net = with_time_scale(plain(net))
@@ -118,7 +120,9 @@ class SCM(TaughtMethod, GenerativeMethod):
         self.save_hyperparameters(
             "mode", "sigma_data", "sigma_min", "sigma_max", "time_input", "tangent_warmup", "tangent_c", "adaptive_weight",
             "weight_channels", "prior_weighting", "jvp_method", "jvp_step", "guidance", "sample_t_mid", "teacher_ckpt",
+            "guide", "guidance_interval",
         )
+        self.hparams.guidance_interval = plain(guidance_interval)
         if time_input is None:  # the paper's TrigFlow time for a network trained from scratch; a teacher's own otherwise
             time_input = "trigflow" if mode == "sct" and not isinstance(self.net, PreconditionedDenoiser) else "edm"
         self.hparams.update(p_mean=float(p_mean), p_std=float(p_std), time_input=time_input)
@@ -138,8 +142,9 @@ class SCM(TaughtMethod, GenerativeMethod):
             )
         if jvp_method not in JVP_METHODS:
             raise ConfigError(f"unknown method.jvp_method={jvp_method}: use one of {', '.join(JVP_METHODS)}")
-        if guidance < 0:
-            raise ConfigError(f"method.guidance={guidance}: the teacher's guidance scale must be >= 0")
+        self.check_guidance(guidance, self.hparams.guidance_interval)
+        if mode == "sct" and (guide or guidance_interval):
+            raise ConfigError("method.guide and method.guidance_interval guide a teacher: use them with method.mode=scd")
         if not 0 < sample_t_mid < self.t_max:
             raise ConfigError(f"method.sample_t_mid={sample_t_mid}: use a time in (0, {self.t_max:.4f}) (the paper's is 1.1)")
         self.weight_head = AdaptiveWeight(weight_channels) if adaptive_weight else None
@@ -198,12 +203,8 @@ class SCM(TaughtMethod, GenerativeMethod):
 
     @torch.no_grad()
     def teacher_velocity(self, x_t, t, class_labels=None) -> torch.Tensor:
-        """dx_t/dt = sigma_d F_teacher(x_t, t), classifier-free guided with ``guidance`` when conditional."""
-        teacher = self.teacher.denoiser
-        if class_labels is None:
-            denoise = lambda x, sigma: teacher(x, sigma, None)  # noqa: E731
-        else:
-            denoise = guided_denoiser(teacher, self.hparams.guidance, class_labels, self.null_label)
+        """dx_t/dt = sigma_d F_teacher(x_t, t), the teacher guided as ``guided_teacher`` says."""
+        denoise = self.guided_teacher(class_labels)
         return self.hparams.sigma_data * trigflow.trigflow_velocity(denoise, self.hparams.sigma_data)(x_t, t)
 
     # -- training -----------------------------------------------------------------------------------------------

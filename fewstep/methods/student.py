@@ -22,11 +22,10 @@ from fewstep.data.rollout import SOURCES, RolloutStates, check_weights, draw_sou
 from fewstep.errors import ConfigError
 from fewstep.methods.base import DenoiserMethod, plain
 from fewstep.methods.noise import BatchNoise
-from fewstep.methods.teacher import TaughtMethod
+from fewstep.methods.teacher import GuidedTeacher
 from fewstep.networks.lpips_loss import frozen_lpips
-from fewstep.samplers import SOLVERS, SeededNoise, guided_denoiser
+from fewstep.samplers import SOLVERS, SeededNoise
 from fewstep.samplers.grids import nested_sigmas
-from fewstep.samplers.guidance import autoguided_denoiser, check_guide, check_interval
 
 DATA_RANGE = (-1.0, 1.0)
 DDIL_KEYS = {"b_fwd", "b_teacher", "b_student", "buffer", "reflect"}
@@ -48,7 +47,7 @@ def level_index(sigma: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return (sigma.log()[:, None] - levels.log()[None, :]).abs().argmin(1)
 
 
-class DistilledStudent(TaughtMethod, DenoiserMethod):
+class DistilledStudent(GuidedTeacher, DenoiserMethod):
     """An EDM-space student of a frozen teacher denoiser (an edm_teacher run, an EDM pickle, a diffusers folder, or
     an earlier student), whose network it starts from (``fewstep.methods.teacher``).
 
@@ -77,9 +76,7 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
         self.hparams.guidance_interval = guidance_interval  # Lightning collects the callers' unconverted ones too
         if not 0 < sigma_min < sigma_max:
             raise ConfigError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        if guidance < 0:
-            raise ConfigError(f"method.guidance={guidance}: the teacher's guidance scale must be >= 0")
-        check_interval(guidance_interval)
+        self.check_guidance(guidance, guidance_interval)
         if ddil is not None:
             unknown = sorted(set(ddil) - DDIL_KEYS)
             if unknown:
@@ -91,23 +88,8 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
     def reflecting(self) -> bool:
         return bool((self.hparams.ddil or {}).get("reflect", False))
 
-    guide = None  # the teacher's autoguidance model (method.guide), frozen, outside the state_dict and EMA
-
-    def attach_guide(self, guide, path=None) -> None:
-        """Make the teacher's guidance autoguidance by ``guide`` (read from ``path``): a weaker model of the teacher's
-        data, checked against the teacher and frozen."""
-        check_guide(self.teacher, guide, f"guide '{path}'" if path else "the guide")
-        if path is not None:
-            self.hparams.guide = str(path)
-        object.__setattr__(self, "guide", guide.eval().requires_grad_(False))  # not registered: out of state_dict and EMA
-
     def on_fit_start(self) -> None:
-        super().on_fit_start()  # the teacher (TaughtMethod)
-        if self.hparams.get("guide") and self.guide is None:  # fewstep.train attaches it (fewstep.distill)
-            raise ConfigError(f"method.guide={self.hparams.guide} is not attached: call "
-                              "student.attach_guide(fewstep.checkpoints.load_method(PATH), PATH) before fitting")
-        if self.guide is not None:
-            self.guide.to(self.device)
+        super().on_fit_start()  # the teacher and its guide (GuidedTeacher)
         self.perceptual()  # LPIPS on this device (or its missing weights named) before the first step
         if self.hparams.ddil is not None and not isinstance(getattr(self.trainer, "datamodule", None), RolloutStates):
             raise ConfigError("a DDIL student needs its rollout buffers: fit it with datamodule=fewstep.data.rollout.RolloutStates(data)")
@@ -123,14 +105,7 @@ class DistilledStudent(TaughtMethod, DenoiserMethod):
     def teacher_prediction(self, x, sigma, class_labels=None, guidance=None) -> torch.Tensor:
         """``teacher_denoise`` differentiable in ``x`` (the teacher's weights stay frozen): for losses whose gradient
         passes through the teacher's prediction at the generator's samples (SiD)."""
-        w = self.hparams.guidance if guidance is None else guidance
-        interval = self.hparams.get("guidance_interval")
-        if self.guide is not None:
-            denoised = autoguided_denoiser(self.teacher.denoiser, self.guide.denoiser, w, class_labels, interval)(x, sigma)
-        elif class_labels is None:
-            denoised = self.teacher.denoiser(x, sigma, None)
-        else:
-            denoised = guided_denoiser(self.teacher.denoiser, w, class_labels, self.null_label, interval)(x, sigma)
+        denoised = self.guided_teacher(class_labels, guidance)(x, sigma)
         return reflect(denoised) if self.reflecting else denoised
 
     def perceptual(self):

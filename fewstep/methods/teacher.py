@@ -14,6 +14,7 @@ from torch import nn
 
 from fewstep.constructors import HYDRA_KEYS
 from fewstep.errors import CheckpointError, ConfigError
+from fewstep.samplers.guidance import autoguided_denoiser, check_guide, check_interval, guided_denoiser
 
 ARCHITECTURE = ("net",)  # with the data shape and the class count in use, what teacher and student weights share
 
@@ -131,6 +132,53 @@ class Staged:
         """What the stage sets itself, from its teacher and step counts; ``first_sampler``: the first stage's teacher's
         solver (``teacher.sampler``), None in later stages."""
         raise NotImplementedError
+
+
+class GuidedTeacher(TaughtMethod):
+    """Mixin for a student of a guided EDM-space teacher: classifier-free guidance (1 + w) D(.|y) - w D(.|empty) when
+    conditional, or autoguidance (1 + w) D - w D_guide by a weaker model of the teacher's data (``guide``; Karras et
+    al. 2024), conditional or not; with w = ``guidance``, for sigma in ``guidance_interval`` only (null: every sigma).
+
+    The subclass saves ``guidance``, ``guide`` and ``guidance_interval`` as hyperparameters (``check_guidance``
+    first); ``fewstep.train`` reads the guide after the teacher and calls ``attach_guide``.
+    """
+
+    guide = None  # frozen, not registered: outside the state_dict and the EMA
+
+    @staticmethod
+    def check_guidance(guidance: float, guidance_interval) -> None:
+        if guidance < 0:
+            raise ConfigError(f"method.guidance={guidance}: the teacher's guidance scale must be >= 0")
+        check_interval(guidance_interval)
+
+    def attach_guide(self, guide, path=None) -> None:
+        """Make the teacher's guidance autoguidance by ``guide`` (read from ``path``), checked against the teacher."""
+        if self.teacher is None:
+            raise ConfigError("method.guide guides a teacher, and this run has none: attach the teacher first (a method "
+                              "trained from data, as scm's sct mode, takes no guide)")
+        check_guide(self.teacher, guide, f"guide '{path}'" if path else "the guide")
+        if path is not None:
+            self.hparams.guide = str(path)
+        object.__setattr__(self, "guide", guide.eval().requires_grad_(False))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # the teacher (TaughtMethod)
+        if self.hparams.get("guide") and self.guide is None:
+            raise ConfigError(f"method.guide={self.hparams.guide} is not attached: call "
+                              "student.attach_guide(fewstep.checkpoints.load_method(PATH), PATH) before fitting")
+        if self.guide is not None:
+            self.guide.to(self.device)
+
+    def guided_teacher(self, class_labels=None, guidance: float | None = None):
+        """The teacher's D(x, sigma) as the student learns it: guided as the class says (w a float or one per sample;
+        default ``guidance``)."""
+        w = self.hparams.guidance if guidance is None else guidance
+        interval = self.hparams.get("guidance_interval")
+        if self.guide is not None:
+            return autoguided_denoiser(self.teacher.denoiser, self.guide.denoiser, w, class_labels, interval)
+        if class_labels is None:
+            return lambda x, sigma: self.teacher.denoiser(x, sigma, None)
+        return guided_denoiser(self.teacher.denoiser, w, class_labels, self.null_label, interval)
 
 
 def start_from(student: nn.Module, teacher: nn.Module, student_only: tuple[str, ...] = ()) -> None:
