@@ -231,3 +231,57 @@ def test_a_conditional_student_follows_its_teacher_s_guided_score(cls):
     unguided = student(cls, tutor, conditional=True, num_classes=3, guidance=0.0, head_channels=4)
     unguided.load_state_dict(method.state_dict())
     assert not torch.equal(unguided.generator_loss(fake, labels, BatchNoise.fixed(2, 4, "cpu"))["dm"], losses[0])
+
+
+# -- SiDA's schedule: a held generator, a late GAN term, clipped fake-score gradients ----------------------------------
+def fit_steps(method, steps: int, batch: int = 4) -> None:
+    """``steps`` training steps of ``method`` on fixed random images, ``batch`` a step."""
+    import warnings
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.rand(batch * steps, *SHAPE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    data = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=batch)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on workers and validation
+        trainer.fit(method, train_dataloaders=data)
+
+
+def test_a_held_generator_keeps_its_weights_while_the_fake_score_trains_and_the_steps_count():
+    method = student(SiDA, hold_images=8)  # two steps of 4 images held, the third trains
+    before = {k: v.clone() for k, v in method.net.state_dict().items()}
+    fake_before = {k: v.clone() for k, v in method.fake_net.state_dict().items()}
+    fit_steps(method, 2)
+    assert method.global_step == 2
+    assert all(torch.equal(before[k], v) for k, v in method.net.state_dict().items())
+    assert any(not torch.equal(fake_before[k], v) for k, v in method.fake_net.state_dict().items())
+    method = student(SiDA, hold_images=8)
+    fit_steps(method, 3)
+    assert any(not torch.equal(before[k], v) for k, v in method.net.state_dict().items())
+
+
+def test_the_gan_term_joins_the_generator_loss_from_gan_start_images_on(monkeypatch):
+    seen = []
+    original = SiDA.adversarial_loss
+    monkeypatch.setattr(SiDA, "adversarial_loss", lambda self, *a: seen.append(self.global_step) or original(self, *a))
+    fit_steps(student(SiDA, gan_start_images=8), 4)
+    assert seen == [2, 3]  # steps 0 and 1 saw 0 and 4 images: SiD's loss alone
+
+
+def test_critic_clip_bounds_every_fake_score_gradient_value(monkeypatch):
+    clipped = []
+    original = SiDA.clip_gradients
+
+    def record(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        original(self, optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        clipped.append(max(g.abs().max().item() for g in grads))
+
+    monkeypatch.setattr(SiDA, "clip_gradients", record)
+    fit_steps(student(SiDA, critic_clip=1e-4), 2)
+    assert len(clipped) == 2 and max(clipped) <= 1e-4
+    with pytest.raises(ConfigError, match="need images >= 0 and a clip value > 0"):
+        student(SiDA, critic_clip=0.0)

@@ -185,7 +185,9 @@ def test_resume_auto_continues_a_staged_pipeline_at_its_unfinished_stage(compose
     ["method=scm", "method.tangent_warmup=2"],
     # global batch means: SiDA's adversarial weights, f-distill's density-ratio weights
     ["method=sida", "teacher.max_steps=2"], ["method=fdistill", "method.critic_steps=2", "teacher.max_steps=2"],
-], ids=lambda overrides: overrides[0].split("=")[1])
+    # SiDA's schedule: the generator held for the first step's 8 images, its GAN term from the third step, clipping
+    ["method=sida", "teacher.max_steps=2", "method.hold_images=8", "method.gan_start_images=16", "method.critic_clip=1e-3"],
+], ids=lambda overrides: overrides[0].split("=")[1] + ("_schedule" if len(overrides) > 2 and "hold" in overrides[2] else ""))
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, method):
     def run(name, *extra):
         result = subprocess.run(

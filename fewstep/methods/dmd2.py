@@ -39,7 +39,7 @@ class DMD2(FakeScoreDistillation):
             grad = torch.nan_to_num(distribution_matching_grad(fake, real, fake_x0))
         out = {"dm": distribution_matching_loss(fake, grad)}
         out["loss"] = out["dm"]
-        if self.gan and self.hparams.gan_weight > 0:  # in training the head is frozen here (adversarial_step)
+        if self.gan_term_on(fake):  # in training the head is frozen here (adversarial_step)
             out["gan"] = gan_generator_loss(self.gan_logits(noisy, sigma, class_labels), "nonsaturating")
             out["loss"] = out["loss"] + self.hparams.gan_weight * out["gan"]
         return out

@@ -41,7 +41,10 @@ class FakeScoreDistillation(AdversarialTraining, DistilledStudent):
     simulation and samples with ``consistency``), ``critic_steps`` (fake-denoiser updates per generator update),
     ``gan_weight`` / ``critic_gan_weight`` (the GAN head's weight in the generator's and the fake denoiser's loss; both
     0: no head), ``dm_range`` (the generator loss's noise levels sigma(u), u ~ U[dm_range] on the Karras warp from
-    sigma_max to sigma_min), ``p_mean`` / ``p_std`` (the fake denoiser's EDM noise levels), ``optimizer_critic``.
+    sigma_max to sigma_min), ``p_mean`` / ``p_std`` (the fake denoiser's EDM noise levels), ``optimizer_critic``; and a
+    schedule (SiDA's authors'): ``hold_images`` (the generator's weights held while the fake denoiser warms up on this
+    many images), ``gan_start_images`` (the generator's GAN term from this many images on) and ``critic_clip`` (the
+    fake denoiser's and the head's gradient values clipped to [-c, c]); images counted over this run's global batch.
     """
 
     student_sampler = "consistency"
@@ -52,14 +55,18 @@ class FakeScoreDistillation(AdversarialTraining, DistilledStudent):
     def __init__(
         self, *args, student_steps: int = 1, critic_steps: int = 5, gan_weight: float = 3e-3, critic_gan_weight: float = 1e-2,
         dm_range: tuple[float, float] = (0.02, 0.98), p_mean: float = -1.2, p_std: float = 1.2,
-        optimizer_critic: dict | None = None, head_channels: int = 64, **kwargs,
+        optimizer_critic: dict | None = None, head_channels: int = 64, hold_images: int = 0, gan_start_images: int = 0,
+        critic_clip: float | None = None, **kwargs,
     ):
         super().__init__(*args, **kwargs)
         optimizer_critic = plain(optimizer_critic)
         self.save_hyperparameters(
             "student_steps", "critic_steps", "gan_weight", "critic_gan_weight", "dm_range", "p_mean", "p_std",
-            "optimizer_critic", "head_channels",
+            "optimizer_critic", "head_channels", "hold_images", "gan_start_images", "critic_clip",
         )
+        if min(hold_images, gan_start_images) < 0 or (critic_clip is not None and not critic_clip > 0):
+            raise ConfigError(f"method.hold_images={hold_images}, gan_start_images={gan_start_images}, critic_clip="
+                              f"{critic_clip}: need images >= 0 and a clip value > 0 (or null for none)")
         if int(student_steps) != student_steps or student_steps < 1:
             raise ConfigError(f"method.student_steps={student_steps}: use an integer >= 1")
         if int(critic_steps) != critic_steps or critic_steps < 1:
@@ -132,6 +139,17 @@ class FakeScoreDistillation(AdversarialTraining, DistilledStudent):
             return values.mean()
         return self.all_gather(values).mean()
 
+    def images_seen(self, batch: torch.Tensor) -> int:
+        """Training images seen before this step, over the global batch (0 outside a fit)."""
+        if self._trainer is None:
+            return 0
+        return self.global_step * batch.shape[0] * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def gan_term_on(self, batch: torch.Tensor) -> bool:
+        """Whether the generator's loss takes the GAN head's term at this step (``gan_weight`` > 0, from
+        ``gan_start_images`` on)."""
+        return self.gan and self.hparams.gan_weight > 0 and self.images_seen(batch) >= self.hparams.get("gan_start_images", 0)
+
     # -- the fake denoiser's loss -----------------------------------------------------------------------------
     def critic_loss(self, fake: torch.Tensor, x_real: torch.Tensor, class_labels, rng: BatchNoise) -> Losses:
         """Denoising score matching of the fake denoiser on the generator's samples (EDM's noise levels and
@@ -178,8 +196,10 @@ class FakeScoreDistillation(AdversarialTraining, DistilledStudent):
         def generator_step():
             return self.generator_loss(self.student_x0(x, sigma, labels), labels, rng)
 
-        g, c = self.adversarial_step(generator_step, critic_step, steps=self.hparams.critic_steps,
-                                     names=("generator", self.critic_name))
+        hp = self.hparams
+        g, c = self.adversarial_step(generator_step, critic_step, steps=hp.critic_steps, names=("generator", self.critic_name),
+                                     clip_value=hp.get("critic_clip"),
+                                     hold_generator=self.images_seen(x_real) < hp.get("hold_images", 0))
         self.log("train/loss", g["loss"].detach(), prog_bar=True)
         self.log("train/loss_critic", c["denoise"].detach(), prog_bar=True)
         for key, value in g.items():

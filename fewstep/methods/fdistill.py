@@ -67,7 +67,7 @@ class FDistill(FakeScoreDistillation):
             self.log("train/log_ratio", logits.detach().mean())
         out = {"dm": distribution_matching_loss(fake, grad)}
         out["loss"] = out["dm"]
-        if self.gan and hp.gan_weight > 0:
+        if self.gan_term_on(fake):
             out["gan"] = gan_generator_loss(logits, "nonsaturating")
             out["loss"] = out["loss"] + hp.gan_weight * out["gan"]
         return out

@@ -141,11 +141,13 @@ class AdversarialTraining:
     def adversarial_step(
         self, generator_loss: Callable[[], Losses], discriminator_loss: Callable[[], Losses],
         discriminator: nn.Module | Iterable[nn.Module] | None = None, steps: int = 1,
-        names: tuple[str, str] = ("generator", "discriminator"),
+        names: tuple[str, str] = ("generator", "discriminator"), clip_value: float | None = None,
+        hold_generator: bool = False,
     ) -> tuple[Losses, Losses]:
         """``steps`` discriminator steps, then one generator step; returns the generator's and the last
         discriminator's loss dicts. ``discriminator``: the module(s) frozen for the generator's loss
-        (``critic_modules()`` when None)."""
+        (``critic_modules()`` when None); ``clip_value``: the discriminator's gradients clipped to [-c, c];
+        ``hold_generator``: the generator's loss is computed but its weights stay (the step still counts)."""
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps={steps}: use an integer >= 1")
         opt_g, opt_d = self.optimizers()
@@ -154,6 +156,8 @@ class AdversarialTraining:
             self.check_finite(d["loss"], names[1])
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d["loss"])
+            if clip_value is not None:
+                self.clip_gradients(opt_d, gradient_clip_val=clip_value, gradient_clip_algorithm="value")
             self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
 
         if discriminator is None:
@@ -165,8 +169,9 @@ class AdversarialTraining:
             g = generator_loss()
         self.check_finite(g["loss"], names[0])
         opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g["loss"])
-        opt_g.step()  # counted: one global step per call
+        if not hold_generator:
+            self.manual_backward(g["loss"])
+        opt_g.step()  # counted: one global step per call (parameters without gradients stay, and so do their moments)
         return g, d
 
 

@@ -66,7 +66,7 @@ class SiD(FakeScoreDistillation):
         real = self.teacher_prediction(noisy, sigma, class_labels)
         out = {"dm": score_identity_loss(fake, real, self.fake_denoiser(noisy, sigma, class_labels), self.hparams.alpha)}
         out["loss"] = out["dm"]
-        if self.gan and self.hparams.gan_weight > 0:
+        if self.gan_term_on(fake):
             out["gan"] = self.adversarial_loss(fake, noisy, sigma, real, class_labels)
             out["loss"] = out["loss"] + self.hparams.gan_weight * out["gan"]
         return out
