@@ -297,6 +297,23 @@ def test_the_fakescore_table_scores_each_students_checkpoints_beside_gdd_and_the
     assert (tmp_path / "fakescore.png").is_file()
 
 
+def test_a_cell_the_table_evaluates_itself_is_a_fewstep_sampler_chosen_over_every_seed(tmp_path):
+    import types
+
+    def row(seed, sampler, nfe, value):
+        return {"label": "teacher", "train_seed": seed, "sampler_name": sampler, "sampler": sampler, "nfe_budget": nfe,
+                "nfe": nfe, "values": [value, value], "dark_fraction": 0.1}
+
+    table = [row(0, "hf_edm_sde_dpmpp", 16, 3.0), row(1, "hf_edm_sde_dpmpp", 16, 9.0),  # a peer, best for seed 0
+             row(0, "edm_sde", 35, 4.0), row(1, "edm_sde", 35, 4.0), row(0, "heun", 35, 5.0), row(1, "heun", 35, 3.5)]
+    (tmp_path / "teacher.json").write_text(json.dumps(table))
+    for seeds in ([0], [1], [0, 1]):  # each seed's process (--jobs) and the parent
+        args = types.SimpleNamespace(out=tmp_path, seeds=seeds)
+        cell = reproduce.best_edm_teacher(args, evaluable=True)
+        assert (cell.sampler, cell.nfe) == ("edm_sde", 35)  # 4.0 over both seeds; heun's 4.25; the peer is no choice
+    assert reproduce.best_edm_teacher(types.SimpleNamespace(out=tmp_path, seeds=[0])).sampler == "hf_edm_sde_dpmpp"
+
+
 def test_the_phema_runs_track_post_hoc_emas_beside_their_fixed_ones(tmp_path):
     args = reproduce.parse_args(["phema", "--out", str(tmp_path), "--gdd-set", "method.r1_gamma=1e-2"])
     teacher, runs = reproduce.teacher_runs(args), reproduce.phema_runs(args)

@@ -549,11 +549,17 @@ class BestCell(NamedTuple):
         return cls(sampler, nfe, stat(rows, "dark_fraction"), stat(rows))
 
 
-def best_edm_teacher(args) -> BestCell | None:
-    """The EDM teacher's best (sampler, NFE <= 35) by fid_domain in the teacher table."""
-    teacher = Rows(args.out / "teacher.json", args.seeds)
-    options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher.select("teacher") if r["nfe_budget"] <= 35}
-    options = {k for k in options if len(teacher.select("teacher", *k)) == len(args.seeds)}
+def best_edm_teacher(args, evaluable: bool = False) -> BestCell | None:
+    """The EDM teacher's best (sampler, NFE <= 35) by fid_domain in the teacher table. ``evaluable``: among fewstep's
+    samplers only (a cell this table evaluates itself), chosen over every seed the teacher table holds, so that each
+    seed's process (--jobs) picks the same cell."""
+    from fewstep.samplers import SOLVERS
+
+    teacher = Rows(args.out / "teacher.json", None if evaluable else args.seeds)
+    seeds = {r["train_seed"] for r in teacher.select("teacher")} if evaluable else set(args.seeds)
+    options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher.select("teacher") if r["nfe_budget"] <= 35
+               and not (evaluable and r["sampler_name"] not in SOLVERS)}
+    options = {k for k in options if len(teacher.select("teacher", *k)) == len(seeds)}
     if not options:
         return None
     key = min(options, key=lambda k: stat(teacher.select("teacher", *k)).mean)
@@ -1037,7 +1043,7 @@ def table_phema(args, rows: Rows) -> list[str]:
                          "callbacks.ema.decay out of --gdd-set")
     teacher, runs = teacher_runs(args), phema_runs(args)
     sigma_rels = QUICK_PHEMA_SIGMA_REL if args.quick else PHEMA_SIGMA_REL
-    edm = best_edm_teacher(args)  # without a teacher table at this --out: EDM's stochastic sampler (4 NFE for --quick)
+    edm = best_edm_teacher(args, evaluable=True)  # without a teacher table at this --out: EDM's stochastic sampler (4 NFE for --quick)
     cells = {"teacher": (edm.sampler, edm.nfe) if edm else ("edm_sde", 4 if args.quick else 35), "GDD": ("euler", 1)}
     errors: dict[str, dict[float, float]] = {model: {} for model in runs}  # the largest profile error over seeds
     for seed in args.seeds:
