@@ -93,7 +93,7 @@ def find_teacher(cfg: DictConfig, fit: Callable) -> Path:
         f"[bold]teacher[/]: none found under {cfg.paths.root}/{teacher.method} for this data and model; training {kind} "
         f"first ({teacher_cfg.trainer.max_steps} steps) in {teacher_cfg.paths.output_dir}"
     )
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # a DDP rank above 0 trains into rank 0's run, which saved it
+    if not later_rank():  # a DDP rank above 0 trains into rank 0's run, which saved it
         save_config(teacher_cfg)
     fit(teacher_cfg)
     return layout.last_checkpoint(teacher_cfg.paths.output_dir).resolve()
@@ -110,10 +110,15 @@ def composed_method(name: str) -> DictConfig:
 TEACHER_RUN = "FEWSTEP_TEACHER_RUN"  # rank 0's new teacher directory, in the environment its DDP ranks start with
 
 
+def later_rank() -> bool:
+    """Whether this process is a DDP rank above 0 that Lightning started as this command again."""
+    return os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 def new_teacher_dir(root, method: str, data: str) -> Path:
     """A new teacher run's directory. Under DDP Lightning starts the other ranks as this command again once rank 0
     fits the teacher: they take rank 0's directory from their environment rather than stamp one of their own."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(TEACHER_RUN):
+    if later_rank() and os.environ.get(TEACHER_RUN):
         return Path(os.environ[TEACHER_RUN])
     out = layout.run_dir(root, method, data)
     os.environ[TEACHER_RUN] = str(out)

@@ -557,8 +557,8 @@ def best_edm_teacher(args, evaluable: bool = False) -> BestCell | None:
 
     teacher = Rows(args.out / "teacher.json", None if evaluable else args.seeds)
     seeds = {r["train_seed"] for r in teacher.select("teacher")} if evaluable else set(args.seeds)
-    options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher.select("teacher") if r["nfe_budget"] <= 35
-               and not (evaluable and r["sampler_name"] not in SOLVERS)}
+    options = {(r["sampler_name"], r["nfe_budget"]) for r in teacher.select("teacher")
+               if r["nfe_budget"] <= 35 and (not evaluable or r["sampler_name"] in SOLVERS)}
     options = {k for k in options if len(teacher.select("teacher", *k)) == len(seeds)}
     if not options:
         return None

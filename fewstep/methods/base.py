@@ -16,8 +16,8 @@ from fewstep.constructors import build, plain
 from fewstep.errors import ConfigError, TrainingDiverged
 from fewstep.methods.noise import BatchNoise
 from fewstep.networks.preconditioning import edm_denoise
-from fewstep.samplers import CountingDenoiser, guided_denoiser, sample
-from fewstep.samplers.guidance import autoguided_denoiser, check_guide
+from fewstep.samplers import CountingDenoiser, sample
+from fewstep.samplers.guidance import check_guide, guided_by
 
 RNG_KEY = "rng"  # checkpoint["fewstep"][RNG_KEY]: the global generators' states, restored on resume
 
@@ -106,18 +106,13 @@ class GenerativeMethod(L.LightningModule):
         One call of f is one NFE: where guidance applies it evaluates both networks (the model and its guide, or the
         conditional and the unconditional model in one batch), elsewhere the model alone.
         """
-        model = getattr(self, self.sampled)
-        if guide is None and interval is None:
-            return model if class_labels is None else guided_denoiser(model, guidance, class_labels, self.null_label)
         if guide is not None:
             check_guide(self, guide)
-            return autoguided_denoiser(self.denoiser, guide.denoiser, guidance, class_labels, interval)
-        if self.sampled != "denoiser" or getattr(self, "guided", False):
+        elif interval is not None and (self.sampled != "denoiser" or getattr(self, "guided", False)):
             raise ConfigError(f"guidance_interval is in EDM's noise levels sigma, and this {type(self).__name__} is not "
                               "sampled through a denoiser D(x, sigma) with classifier-free guidance: use guidance_interval=null")
-        if class_labels is None:
-            return model
-        return guided_denoiser(model, guidance, class_labels, self.null_label, interval)
+        guide_denoiser = None if guide is None else guide.denoiser
+        return guided_by(getattr(self, self.sampled), guidance, class_labels, self.null_label, guide_denoiser, interval)
 
     def sampler_defaults(self) -> dict:
         """The sampler options (``grid`` included) this model is sampled with unless told otherwise."""

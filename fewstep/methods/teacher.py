@@ -14,7 +14,7 @@ from torch import nn
 
 from fewstep.constructors import HYDRA_KEYS
 from fewstep.errors import CheckpointError, ConfigError
-from fewstep.samplers.guidance import autoguided_denoiser, check_guide, check_interval, guided_denoiser
+from fewstep.samplers.guidance import check_guide, check_interval, guided_by
 
 ARCHITECTURE = ("net",)  # with the data shape and the class count in use, what teacher and student weights share
 
@@ -173,12 +173,8 @@ class GuidedTeacher(TaughtMethod):
         """The teacher's D(x, sigma) as the student learns it: guided as the class says (w a float or one per sample;
         default ``guidance``)."""
         w = self.hparams.guidance if guidance is None else guidance
-        interval = self.hparams.get("guidance_interval")
-        if self.guide is not None:
-            return autoguided_denoiser(self.teacher.denoiser, self.guide.denoiser, w, class_labels, interval)
-        if class_labels is None:
-            return lambda x, sigma: self.teacher.denoiser(x, sigma, None)
-        return guided_denoiser(self.teacher.denoiser, w, class_labels, self.null_label, interval)
+        guide = None if self.guide is None else self.guide.denoiser
+        return guided_by(self.teacher.denoiser, w, class_labels, self.null_label, guide, self.hparams.get("guidance_interval"))
 
 
 def start_from(student: nn.Module, teacher: nn.Module, student_only: tuple[str, ...] = ()) -> None:

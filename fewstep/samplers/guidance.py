@@ -94,6 +94,19 @@ def guided_denoiser(
     return extrapolated(plain, pair, scale, interval)
 
 
+def guided_by(
+    denoiser: Callable[..., torch.Tensor], scale, class_labels: torch.Tensor | None = None, null_label: int | None = None,
+    guide: Callable[..., torch.Tensor] | None = None, interval: Sequence[float] | None = None,
+) -> Callable[..., torch.Tensor]:
+    """``denoiser`` guided by what is given: autoguidance by the denoiser ``guide`` when there is one, else
+    classifier-free guidance when ``class_labels`` are given, else ``denoiser`` itself."""
+    if guide is not None:
+        return autoguided_denoiser(denoiser, guide, scale, class_labels, interval)
+    if class_labels is None:
+        return denoiser
+    return guided_denoiser(denoiser, scale, class_labels, null_label, interval)
+
+
 def autoguided_denoiser(
     denoiser: Callable[..., torch.Tensor], guide: Callable[..., torch.Tensor], scale,
     class_labels: torch.Tensor | None = None, interval: Sequence[float] | None = None,
